@@ -1,0 +1,3 @@
+from tlq.cli import main
+
+main()

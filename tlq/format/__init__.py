@@ -1,0 +1,1 @@
+"""The packed checkpoint format: bit packing, writer, reader, reference dequantizer."""

@@ -1,0 +1,1 @@
+"""Quantization numerics and the solvers: one small module per solver."""

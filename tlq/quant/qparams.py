@@ -1,0 +1,117 @@
+"""Group-wise integer quantization of a weight matrix W[N, K] (N outputs, K inputs).
+
+Conventions (docs/format.md): codes q are unsigned in [0, 2**b - 1];
+  asymmetric: w = (q - z) * s  with a per-group zero point z in [0, 2**b - 1];
+  symmetric:  w = (q - 2**(b-1)) * s,  s = absmax / (2**(b-1) - 1).
+Scales are rounded to the checkpoint's scale dtype *before* codes are chosen, so
+the dequantized weight is exactly what a kernel computes from the stored tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EPS = 1e-8
+
+
+def max_code(bits: int) -> int:
+    return 2**bits - 1
+
+
+def find_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
+                clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (float32, dtype-rounded) and zero point (int32 or None) per row of w[N, G].
+
+    `clip_ratio` (scalar or [N]) shrinks the range before rounding (AWQ-style clipping).
+    """
+    w = w.float()
+    if symmetric:
+        absmax = w.abs().amax(dim=1) * clip_ratio
+        scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=EPS)
+        return scale.to(scale_dtype).float().clamp(min=EPS), None
+    wmax = w.amax(dim=1) * clip_ratio
+    wmin = w.amin(dim=1) * clip_ratio
+    scale = ((wmax - wmin) / max_code(bits)).clamp(min=EPS).to(scale_dtype).float().clamp(min=EPS)
+    zero = torch.round(-wmin / scale).clamp(0, max_code(bits)).to(torch.int32)
+    return scale, zero
+
+
+def _offset(zero: torch.Tensor | None, bits: int) -> torch.Tensor | float:
+    return float(2 ** (bits - 1)) if zero is None else zero.float()
+
+
+def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Codes for w[..., C] with scale/zero broadcastable against it."""
+    q = torch.round(w.float() / scale) + _offset(zero, bits)
+    return q.clamp(0, max_code(bits)).to(torch.int32)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    return (q.float() - _offset(zero, bits)) * scale
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized linear: everything the packed format stores, unpacked.
+
+    codes [N, K] int32; scales [N, n_groups] float32; zeros [N, n_groups] int32 or None;
+    g_idx [K] int32 (group of each input column) or None when groups are contiguous.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    g_idx: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def group_index(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        k = self.codes.shape[1]
+        g = k if self.group_size == -1 else self.group_size
+        return torch.arange(k) // g
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        gi = self.group_index()
+        scale = self.scales[:, gi]
+        zero = None if self.zeros is None else self.zeros[:, gi]
+        return dequantize_codes(self.codes, scale, zero, self.bits).to(dtype)
+
+
+def n_groups(k: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-k // group_size)
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                 scale_dtype: torch.dtype, clip_ratio: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest with per-group min/max (or absmax) scales.
+
+    `clip_ratio` [N, n_groups] optionally shrinks each group's range (AWQ clipping).
+    """
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    ng = n_groups(k, group_size)
+    scales = torch.empty(n, ng)
+    zeros = None if symmetric else torch.empty(n, ng, dtype=torch.int32)
+    codes = torch.empty(n, k, dtype=torch.int32)
+    for j in range(ng):
+        cols = slice(j * g, min((j + 1) * g, k))
+        ratio = 1.0 if clip_ratio is None else clip_ratio[:, j]
+        s, z = find_params(w[:, cols], bits, symmetric, scale_dtype, ratio)
+        scales[:, j] = s
+        if zeros is not None:
+            zeros[:, j] = z
+        codes[:, cols] = quantize_to_codes(w[:, cols], s[:, None], None if z is None else z[:, None], bits)
+    return QuantizedWeight(codes, scales, zeros, bits, group_size)
+
+
+def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """Per-token dynamic symmetric int8 fake quantization (the a8 of w4a8)."""
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127).clamp(min=EPS)
+    return (torch.round(x.float() / scale).clamp(-128, 127) * scale).to(x.dtype)
