@@ -41,6 +41,8 @@ class ModelAdapter:
         ignore: name fragments left unquantized (docs/format.md, "ignore").
         image_token_attrs: config attributes that may hold the image token id, first found wins.
         linear_groups: the quantized linears of a decoder layer, in forward order.
+        checkpoint_layer_prefixes: spellings of `decoder_layers` in safetensors files (transformers 5
+            saves the legacy layout, e.g. `model.layers` for Qwen2-VL); the first found is used.
         attn_module / mlp_module: sub-modules whose outputs give token importance.
     """
 
@@ -54,6 +56,7 @@ class ModelAdapter:
     ignore: tuple[str, ...]
     image_token_attrs: tuple[str, ...]
     linear_groups: tuple[LinearGroup, ...]
+    checkpoint_layer_prefixes: tuple[str, ...] = ()
     attn_module: str = "self_attn"
     mlp_module: str = "mlp"
     extra: dict = field(default_factory=dict)

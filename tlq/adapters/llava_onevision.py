@@ -12,4 +12,5 @@ LLAVA_ONEVISION = ModelAdapter(
     ignore=("vision_tower", "multi_modal_projector", "lm_head"),
     image_token_attrs=("image_token_id", "image_token_index"),
     linear_groups=QWEN2_DECODER_GROUPS,
+    checkpoint_layer_prefixes=("model.language_model.layers", "language_model.model.layers"),
 )

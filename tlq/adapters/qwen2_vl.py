@@ -12,4 +12,5 @@ QWEN2_VL = ModelAdapter(
     ignore=("visual", "lm_head"),
     image_token_attrs=("image_token_id",),
     linear_groups=QWEN2_DECODER_GROUPS,
+    checkpoint_layer_prefixes=("model.language_model.layers", "model.layers"),
 )

@@ -75,7 +75,7 @@ class QuantizedWeight:
             return self.g_idx.long()
         k = self.codes.shape[1]
         g = k if self.group_size == -1 else self.group_size
-        return torch.arange(k) // g
+        return torch.arange(k, device=self.codes.device) // g
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         gi = self.group_index()
@@ -97,9 +97,9 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     n, k = w.shape
     g = k if group_size == -1 else group_size
     ng = n_groups(k, group_size)
-    scales = torch.empty(n, ng)
-    zeros = None if symmetric else torch.empty(n, ng, dtype=torch.int32)
-    codes = torch.empty(n, k, dtype=torch.int32)
+    scales = torch.empty(n, ng, device=w.device)
+    zeros = None if symmetric else torch.empty(n, ng, dtype=torch.int32, device=w.device)
+    codes = torch.empty(n, k, dtype=torch.int32, device=w.device)
     for j in range(ng):
         cols = slice(j * g, min((j + 1) * g, k))
         ratio = 1.0 if clip_ratio is None else clip_ratio[:, j]

@@ -1,0 +1,45 @@
+"""Shared pytest fixtures: tiny VLM checkpoints (built once per session) and the bundled calibration set.
+
+Set TLQ_CACHE to reuse built checkpoints across sessions (they are keyed by arch/size/seed/tlq
+version); otherwise they are built under pytest's session temp folder (about 1 s each).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+ARCHS = ("qwen2-vl", "llava-onevision")
+
+
+@pytest.fixture(scope="session")
+def fixture_cache(tmp_path_factory):
+    env = os.environ.get("TLQ_CACHE")
+    return env if env else tmp_path_factory.mktemp("tlq-fixtures")
+
+
+def _tiny(arch: str, cache):
+    from tlq.fixtures import ensure_fixture
+    return ensure_fixture(arch, cache_root=cache, seed=0, size="tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_dir(fixture_cache):
+    return _tiny("qwen2-vl", fixture_cache)
+
+
+@pytest.fixture(scope="session")
+def llava_onevision_dir(fixture_cache):
+    return _tiny("llava-onevision", fixture_cache)
+
+
+@pytest.fixture(scope="session", params=ARCHS, ids=ARCHS)
+def tiny_model_dir(request, fixture_cache):
+    """A tiny model dir, once per architecture; `request.param` is the arch name."""
+    return _tiny(request.param, fixture_cache)
+
+
+@pytest.fixture(scope="session")
+def bundled_calib():
+    from tlq.data.calib import bundled_calibration_path
+    return bundled_calibration_path()

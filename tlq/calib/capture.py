@@ -1,0 +1,106 @@
+"""Capture once: the language model's entry inputs for every calibration sample.
+
+The vision tower, projector and embeddings run once per sample; a pre-hook on the first
+decoder layer records what the language model feeds it (inputs_embeds with the image
+features merged in, M-RoPE position embeddings, the attention mask) and stops the forward.
+The layer loop and the gradient pass then replay decoder layers from these inputs and
+never run the vision tower again.
+
+Batching: samples are captured one at a time (batch 1), so samples with different image
+sizes and sequence lengths mix freely without padding; every solver consumes tokens, not
+sequences, so nothing downstream depends on how samples were batched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from tlq.adapters import ModelAdapter, get_submodule
+
+PROMPT, VISION, ANSWER = 0, 1, 2
+MODALITY_NAMES = {PROMPT: "prompt", VISION: "vision", ANSWER: "answer"}
+
+
+@dataclass
+class CapturedSample:
+    """The language model's input for one sample.
+
+    Attributes:
+        sample_id: id from the calibration file.
+        hidden: [1, T, H] entry hidden states (embeddings with image features merged in).
+        layer_kwargs: keyword arguments every decoder layer receives (position embeddings, mask...).
+        labels: [1, T] token ids of the answer, -100 elsewhere.
+        modality: [T] int8: 0 prompt text, 1 vision, 2 answer.
+    """
+
+    sample_id: str
+    hidden: torch.Tensor
+    layer_kwargs: dict
+    labels: torch.Tensor
+    modality: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[1]
+
+
+class _StopForward(Exception):
+    pass
+
+
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
+
+
+def to_device(obj, device):
+    """Move tensors inside nested tuples/lists/dicts."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def modality_labels(input_ids: torch.Tensor, labels: torch.Tensor, adapter: ModelAdapter, config) -> torch.Tensor:
+    modality = torch.full(input_ids.shape[-1:], PROMPT, dtype=torch.int8)
+    modality[adapter.vision_mask(input_ids[0], config)] = VISION
+    modality[labels[0] != -100] = ANSWER
+    return modality
+
+
+@torch.no_grad()
+def capture_inputs(model, adapter: ModelAdapter, encoded: list[tuple[str, dict]], progress: bool = True
+                   ) -> list[CapturedSample]:
+    """Run the model up to its first decoder layer for each encoded sample."""
+    layer0 = adapter.layers(model)[0]
+    layer_types = set(getattr(get_submodule(model, adapter.decoder_layers.rsplit(".", 1)[0]).config,
+                              "layer_types", None) or ["full_attention"])
+    if len(layer_types) > 1:
+        raise NotImplementedError(f"mixed attention layer types {sorted(layer_types)} are not supported yet")
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        captured["hidden"] = (args[0] if args else kwargs.pop("hidden_states")).detach().cpu()
+        captured["kwargs"] = {k: to_device(v, "cpu") for k, v in kwargs.items()
+                              if k not in _DROPPED_KWARGS and k != "hidden_states"}
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    samples = []
+    try:
+        for sample_id, inputs in tqdm(encoded, desc="capture", disable=not progress, unit="sample"):
+            labels = inputs["labels"]
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            try:
+                model(**model_inputs, use_cache=False)
+            except _StopForward:
+                pass
+            samples.append(CapturedSample(
+                sample_id, captured["hidden"], captured["kwargs"], labels.cpu(),
+                modality_labels(inputs["input_ids"].cpu(), labels.cpu(), adapter, model.config)))
+    finally:
+        handle.remove()
+    return samples

@@ -1,0 +1,156 @@
+"""Typed configuration of a calibration run, and the registry of methods.
+
+TLQ = token importance x importance-weighted solver x quantization exposure: each method
+below is one choice on those three axes (plus optional input scaling), so ablations are
+just other choices (`--importance`, `--exposure` on the CLI).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tlq.errors import TLQError
+from tlq.schemes import QuantScheme
+
+IMPORTANCE_MODES = ("uniform", "modality", "modality_prior", "token")
+EXPOSURE_MODES = ("fp", "quantized", "corrected")
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """How per-token gradient magnitudes become calibration weights (tlq/calib/importance.py).
+
+    Attributes:
+        mode: uniform (all 1); modality (MBQ: answer 1, vision r = g_vis/g_ans floored at the
+            median over layers, prompt 0); modality_prior (TLQ's prior term alone);
+            token (TLQ: prior mixed with the token's own gradient).
+        prior_mix: lambda, the share of the modality prior in a token's score (token mode).
+        iqr_clip: clip scores to [Q1 - k IQR, Q3 + k IQR] with this k (outlier clipping).
+        floor: minimum weight after mean-1 normalisation (keeps near-zero-gradient tokens alive).
+        drop_below: tokens whose final weight is below this leave the calibration set (0 = keep all).
+        max_tokens: keep at most this many tokens per layer (seeded sample; None = all).
+    """
+
+    mode: str = "token"
+    prior_mix: float = 0.5
+    iqr_clip: float = 1.5
+    floor: float = 0.1
+    drop_below: float = 0.0
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One calibration method as a choice on each axis.
+
+    Attributes:
+        name: registry / CLI name.
+        summary: one line for `tlq calibrate --help` and the README.
+        importance: token weighting mode (see ImportanceConfig.mode).
+        input_scaling: none | awq (grid-searched per-channel input scales) | smoothquant |
+            auto (awq for schemes that quantize activations, none for weight-only ones).
+        clip_search: AWQ weight clipping before rounding.
+        solver: rtn | gptq (the importance-weighted GPTQ when weights are not uniform).
+        exposure: fp (calibrate on the float model's inputs), quantized (on the inputs the
+            quantized earlier layers produce), corrected (quantized inputs, FP outputs as target).
+    """
+
+    name: str
+    summary: str
+    importance: str = "uniform"
+    input_scaling: str = "none"
+    clip_search: bool = False
+    solver: str = "rtn"
+    exposure: str = "quantized"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.name != "rtn"
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.importance != "uniform"
+
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+    MethodSpec("rtn", "round-to-nearest, no calibration data", exposure="fp"),
+    MethodSpec("gptq", "GPTQ on the quantized layers' outputs (sequential, like llm-compressor)", solver="gptq"),
+    MethodSpec("awq", "AWQ: activation-aware input scales and weight clipping, then RTN",
+               input_scaling="awq", clip_search=True),
+    MethodSpec("smoothquant", "SmoothQuant (alpha 0.5) input smoothing, then RTN; for w4a8",
+               input_scaling="smoothquant"),
+    MethodSpec("mbq", "MBQ: modality-balanced gradient-weighted scale search and clipping, then RTN",
+               importance="modality", input_scaling="awq", clip_search=True),
+    MethodSpec("tlq", "TLQ: gradient token importance, weighted GPTQ, quantization-exposed with FP target",
+               importance="token", input_scaling="auto", solver="gptq", exposure="corrected"),
+)}
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name.lower()]
+    except KeyError:
+        raise TLQError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+@dataclass
+class CalibConfig:
+    """Everything `tlq calibrate` needs.
+
+    Attributes:
+        model: local folder of the float model.
+        out: checkpoint folder to write.
+        method: the method (axes above), possibly with CLI overrides applied.
+        scheme: numerics (tlq.schemes).
+        calib: calibration JSONL (None = the bundled set).
+        max_samples: use at most this many samples (None = all).
+        seed: seeds sampling and every random choice; same seed, same checkpoint.
+        device: where the layer being calibrated runs (cpu or cuda); the rest stays on CPU.
+        act_order: GPTQ act-order (writes g_idx; the CPU kernels then use the torch fallback).
+        damp: GPTQ damping, as a fraction of the Hessian's mean diagonal.
+        exposure_strength: blend of the FP-target correction (corrected exposure), 0..1.
+        smoothquant_alpha: migration strength for smoothquant scaling.
+        n_grid: grid points of the AWQ/MBQ scale search.
+        importance: token weighting (ImportanceConfig).
+        work_dir: resumable per-layer results (default: a hidden sibling of `out`).
+        overwrite: replace an existing `out`.
+        resume: continue from `work_dir` when it holds results of the same run.
+        stages: layer stages for multi-rank runs (None = all layers in this process).
+    """
+
+    model: Path
+    out: Path
+    method: MethodSpec
+    scheme: QuantScheme
+    calib: Path | None = None
+    max_samples: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    act_order: bool = False
+    damp: float = 0.01
+    exposure_strength: float = 1.0
+    smoothquant_alpha: float = 0.5
+    n_grid: int = 20
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    work_dir: Path | None = None
+    overwrite: bool = False
+    resume: bool = True
+
+    def __post_init__(self):
+        self.model, self.out = Path(self.model), Path(self.out)
+        if self.method.importance != self.importance.mode:
+            self.importance = replace(self.importance, mode=self.method.importance)
+        if self.method.exposure not in EXPOSURE_MODES:
+            raise TLQError(f"unknown exposure {self.method.exposure!r}; choose one of {', '.join(EXPOSURE_MODES)}")
+        if self.importance.mode not in IMPORTANCE_MODES:
+            raise TLQError(f"unknown importance {self.importance.mode!r}; choose one of {', '.join(IMPORTANCE_MODES)}")
+        if self.work_dir is None:
+            self.work_dir = self.out.resolve().parent / f".{self.out.name}.work"
+
+    def run_key(self) -> dict:
+        """What must match for a resumed run to continue an earlier one."""
+        return {"model": str(self.model.resolve()), "method": self.method.__dict__, "scheme": self.scheme.__dict__,
+                "calib": str(self.calib), "max_samples": self.max_samples, "seed": self.seed,
+                "act_order": self.act_order, "damp": self.damp, "exposure_strength": self.exposure_strength,
+                "importance": self.importance.__dict__, "smoothquant_alpha": self.smoothquant_alpha,
+                "n_grid": self.n_grid}

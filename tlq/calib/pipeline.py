@@ -1,0 +1,90 @@
+"""`calibrate(cfg)`: from a float model folder to a packed checkpoint.
+
+    load + validate everything -> capture LM inputs once -> token importance (gradient pass)
+    -> quantization-exposed layer loop -> assemble + atomic write
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tlq.calib.assemble import check_group_size, decoder_linear_names, write_quantized_model
+from tlq.calib.capture import capture_inputs
+from tlq.calib.config import CalibConfig
+from tlq.calib.importance import integrate, token_gradients, uniform_weights, weight_statistics
+from tlq.calib.layer_loop import WorkFolder, run_layer_loop
+from tlq.format.checkpoint import check_output_dir
+from tlq.model_io import SourceModel, open_source_model
+from tlq.quant.qparams import quantize_rtn
+
+log = logging.getLogger("tlq.calibrate")
+
+
+def calibrate(cfg: CalibConfig, progress: bool = True) -> Path:
+    """Run one calibration and write its checkpoint; returns the checkpoint folder."""
+    source = open_source_model(cfg.model)
+    check_output_dir(cfg.out, cfg.overwrite)
+    check_group_size(source, cfg.scheme)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    if not cfg.method.needs_data:
+        return _rtn(source, cfg, t0)
+    samples = load_samples(cfg)  # every line is checked before any model work starts
+    model = source.load_hf_model()
+    processor = source.load_processor()
+    from tlq.data.processing import encode_sample
+    encoded = [(s.id, encode_sample(processor, s)) for s in samples]
+    captured = capture_inputs(model, source.adapter, encoded, progress=progress)
+    work = WorkFolder(cfg.work_dir, cfg.run_key())
+    done = work.open(cfg.resume)
+    if done:
+        log.info("resuming from %s: %d layer(s) already calibrated", cfg.work_dir, done)
+    weights = token_weights(model, source, captured, cfg, work, progress)
+    loop = run_layer_loop(model, source.adapter, captured, weights, cfg, work, done, progress=progress)
+    modalities = [s.modality for s in captured]
+    calibration = {
+        "method": cfg.method.name, "scheme": cfg.scheme.name, "seed": cfg.seed,
+        "calibration_file": str(cfg.calib) if cfg.calib else "bundled",
+        "samples": [{"id": s.id, "sha256": s.sha256} for s in samples],
+        "token_stats": weight_statistics(weights, modalities),
+        "importance": cfg.importance.__dict__, "exposure": cfg.method.exposure,
+    }
+    report = {"layers": loop.layer_stats, "total_seconds": round(time.time() - t0, 2),
+              "method": cfg.method.name, "scheme": cfg.scheme.name}
+    out = write_quantized_model(source, cfg.out, cfg.scheme, cfg.method.name, loop.quantized,
+                                loop.float_overrides, calibration, report, cfg.act_order, cfg.overwrite)
+    shutil.rmtree(cfg.work_dir, ignore_errors=True)
+    return out
+
+
+def load_samples(cfg: CalibConfig):
+    from tlq.data.calib import bundled_calibration_path, load_calibration
+    return load_calibration(cfg.calib or bundled_calibration_path(), max_samples=cfg.max_samples)
+
+
+def token_weights(model, source: SourceModel, captured, cfg: CalibConfig, work: WorkFolder, progress: bool):
+    """Per-sample token weights for every (layer, block); the gradient pass is saved for resumption."""
+    num_layers = len(source.adapter.layers(model))
+    if not cfg.method.needs_gradients:
+        return uniform_weights(captured, num_layers)
+    raw = work.load_object("importance.pt")
+    if raw is None:
+        raw = token_gradients(model, source.adapter, captured, cfg.device, progress=progress)
+        work.save_object("importance.pt", raw)
+    return integrate(raw, [s.modality for s in captured], cfg.importance)
+
+
+def _rtn(source: SourceModel, cfg: CalibConfig, t0: float) -> Path:
+    """RTN needs no data and no model instance: quantize straight from the safetensors."""
+    names = decoder_linear_names(source)
+    weights = source.load_state_dict({f"{n}.weight" for n in names})
+    quantized = {n: quantize_rtn(weights[f"{n}.weight"].float(), cfg.scheme.bits, cfg.scheme.group_size,
+                                 cfg.scheme.symmetric, source.dtype) for n in names}
+    calibration = {"method": "rtn", "scheme": cfg.scheme.name, "seed": cfg.seed, "samples": []}
+    report = {"layers": [], "total_seconds": round(time.time() - t0, 2), "method": "rtn", "scheme": cfg.scheme.name}
+    return write_quantized_model(source, cfg.out, cfg.scheme, "rtn", quantized, {}, calibration, report,
+                                 False, cfg.overwrite)

@@ -1,0 +1,128 @@
+"""GPTQ (Frantar et al., 2022; IST-DASLab reference implementation), as a pure tensor function.
+
+Minimises ||W X^T - Q X^T||^2 = tr((W - Q) H (W - Q)^T) with H = 2/T X^T X (or any
+weighted Hessian, see weighted_gptq.py) one input column at a time: quantize column j,
+then spread its error e_j = (w_j - q_j) / U_jj over the not-yet-quantized columns with
+the j-th row of U, the upper Cholesky factor of H^-1 (the OBS update).
+
+Steps, as in the reference:
+  1. dead inputs (H_jj == 0): H_jj = 1 and W[:, j] = 0 (the column never sees signal);
+  2. optional act-order: permute columns by descending diag(H) (salient columns first);
+  3. damping: H += damp * mean(diag(H)) * I (retried with 10x damping if Cholesky fails);
+  4. U = upper Cholesky of H^-1;
+  5. columns in blocks of `block_size`: exact updates inside the block, one lazy
+     matrix update of the remaining columns per block;
+  6. group parameters are chosen at each group start (every group_size columns, in the
+     processing order) from the group's current, already error-updated weights;
+     per-channel (group_size -1) chooses them once over the whole row.
+With act-order and groups, group g holds the permuted columns [g*G, (g+1)*G), so the
+result carries g_idx[k] = group of original column k.
+"""
+from __future__ import annotations
+
+import torch
+
+from tlq.errors import TLQError
+from tlq.quant.qparams import QuantizedWeight, dequantize_codes, find_params, n_groups, quantize_to_codes
+from tlq.schemes import QuantScheme
+
+CHOLESKY_RETRIES = 4
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, so H^-1 = U^T U.
+
+    A failing factorisation (H not positive definite) is retried with 10x the damping.
+    """
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = torch.diag(H).mean()
+    for _ in range(CHOLESKY_RETRIES):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+        damp = damp * 10 if damp > 0 else 0.01
+    raise TLQError(f"GPTQ: the Hessian is not positive definite even with damping {damp / 10:g}; "
+                   "use more calibration tokens or a larger --damp")
+
+
+def _group_weights(W, W1, Err1, Hinv, i1, i, i2, g):
+    """Current (error-updated) weights of the group starting at column i1 + i.
+
+    Inside the block they live in W1; columns past the block have not yet received this
+    block's lazy update, so it is applied to them here.
+    """
+    end = min(i1 + i + g, W.shape[1])
+    part = W1[:, i:min(end, i2) - i1]
+    if end > i2:
+        pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:end]
+        part = torch.cat([part, pending], dim=1)
+    return part
+
+
+def gptq_core(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype, *,
+              damp: float = 0.01, block_size: int = 128,
+              act_order: bool = False) -> tuple[QuantizedWeight, torch.Tensor]:
+    """GPTQ returning (QuantizedWeight, Q) where Q[N, K] is the dequantized weight as the loop computed it."""
+    if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise TLQError(f"GPTQ: weight {tuple(W.shape)} and Hessian {tuple(H.shape)} do not match; "
+                       "the Hessian must be [K, K] for a weight [N, K]")
+    W = W.float().clone()
+    H = H.float().clone()
+    N, K = W.shape
+    bits, sym, gs = scheme.bits, scheme.symmetric, scheme.group_size
+    g = K if gs == -1 else gs
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_cholesky(H, damp)
+
+    ng = n_groups(K, gs)
+    scales = torch.empty(N, ng, device=W.device)
+    zeros = None if sym else torch.empty(N, ng, dtype=torch.int32, device=W.device)
+    codes = torch.empty(N, K, dtype=torch.int32, device=W.device)
+    Q = torch.empty(N, K, device=W.device)
+    s = z = None
+    if gs == -1:
+        s, z = find_params(W, bits, sym, scale_dtype)
+
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                if gs != -1:
+                    s, z = find_params(_group_weights(W, W1, Err1, Hinv, i1, i, i2, g), bits, sym, scale_dtype)
+                scales[:, col // g] = s
+                if zeros is not None:
+                    zeros[:, col // g] = z
+            zc = None if z is None else z[:, None]
+            q = quantize_to_codes(W1[:, i:i + 1], s[:, None], zc, bits)
+            codes[:, col] = q[:, 0]
+            Q[:, col] = dequantize_codes(q, s[:, None], zc, bits)[:, 0]
+            err = (W1[:, i] - Q[:, col]) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = None
+    if act_order:
+        inv = torch.argsort(perm)
+        codes, Q = codes[:, inv], Q[:, inv]
+        if gs != -1:
+            g_idx = (inv // g).to(torch.int32)  # original column k sat at position inv[k]
+    return QuantizedWeight(codes, scales, zeros, bits, gs, g_idx), Q
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype, *,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+    """Quantize W[N, K] with GPTQ under the input Hessian H[K, K] (e.g. 2/T X^T X)."""
+    return gptq_core(W, H, scheme, scale_dtype, damp=damp, block_size=block_size, act_order=act_order)[0]
