@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     # TLQ_THREADS overrides. Must be set before torch spins up its pool.
     os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TLQ_THREADS", "1"))
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code != 0:  # typer.Exit(n) comes back as a return value here
+            sys.exit(code)
     except TLQError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

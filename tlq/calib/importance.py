@@ -13,9 +13,9 @@ first, each receiving the gradient of its output and passing on the gradient of 
 Integration (`integrate`), per layer l and block b, over all calibration tokens, with M(t)
 the modality of token t (prompt text, vision, answer):
 
-    prior       p_M   = mean_{t in M} a_t                                (modality level)
-    score       s_t   = lambda * p_{M(t)} + (1 - lambda) * a_t           (token level, smoothed)
-    clip        s_t  <- clip(s_t, Q1 - k IQR, Q3 + k IQR)                 (outliers)
+    clip        c_t   = clip(a_t, Q1 - k IQR, Q3 + k IQR)                 (outliers)
+    prior       p_M   = mean_{t in M} c_t                                (modality level)
+    score       s_t   = lambda * p_{M(t)} + (1 - lambda) * c_t           (token level, smoothed)
     normalise   w_t   = s_t / mean(s)
     floor       w_t  <- max(w_t, w_min) / mean(max(w, w_min))            (never zero)
 
@@ -124,9 +124,9 @@ def _modality_prior(a: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
 
 def _token_weights(a: torch.Tensor, modality: torch.Tensor, cfg: ImportanceConfig) -> torch.Tensor:
     lam = 1.0 if cfg.mode == "modality_prior" else cfg.prior_mix
-    s = lam * _modality_prior(a, modality) + (1 - lam) * a
-    q1, q3 = torch.quantile(s, torch.tensor([0.25, 0.75], dtype=s.dtype))
-    s = s.clamp(min=float(q1 - cfg.iqr_clip * (q3 - q1)), max=float(q3 + cfg.iqr_clip * (q3 - q1)))
+    q1, q3 = torch.quantile(a, torch.tensor([0.25, 0.75], dtype=a.dtype))
+    c = a.clamp(min=float(q1 - cfg.iqr_clip * (q3 - q1)), max=float(q3 + cfg.iqr_clip * (q3 - q1)))
+    s = lam * _modality_prior(c, modality) + (1 - lam) * c
     w = s / s.mean().clamp(min=1e-12)
     w = w.clamp(min=cfg.floor)
     return w / w.mean()

@@ -3,7 +3,7 @@
 Conventions (docs/format.md): codes q are unsigned in [0, 2**b - 1];
   asymmetric: w = (q - z) * s  with a per-group zero point z in [0, 2**b - 1];
   symmetric:  w = (q - 2**(b-1)) * s,  s = absmax / (2**(b-1) - 1).
-Scales are rounded to the checkpoint's scale dtype *before* codes are chosen, so
+Scales are rounded (up) to the checkpoint's scale dtype *before* codes are chosen, so
 the dequantized weight is exactly what a kernel computes from the stored tensors.
 """
 from __future__ import annotations
@@ -19,6 +19,19 @@ def max_code(bits: int) -> int:
     return 2**bits - 1
 
 
+def round_up_to_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Smallest value representable in `dtype` that is >= scale (as float32).
+
+    Rounding a scale *down* would let the group's extreme weights fall outside the code
+    range and break RTN's half-step error bound; rounding up keeps it.
+    """
+    rounded = scale.to(dtype)
+    below = rounded.float() < scale
+    if below.any():
+        rounded = torch.where(below, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
+    return rounded.float()
+
+
 def find_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
                 clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (float32, dtype-rounded) and zero point (int32 or None) per row of w[N, G].
@@ -29,10 +42,11 @@ def find_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.
     if symmetric:
         absmax = w.abs().amax(dim=1) * clip_ratio
         scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=EPS)
-        return scale.to(scale_dtype).float().clamp(min=EPS), None
-    wmax = w.amax(dim=1) * clip_ratio
-    wmin = w.amin(dim=1) * clip_ratio
-    scale = ((wmax - wmin) / max_code(bits)).clamp(min=EPS).to(scale_dtype).float().clamp(min=EPS)
+        return round_up_to_dtype(scale, scale_dtype), None
+    # the range always holds 0 (as in GPTQ) so the zero point is a valid code
+    wmax = w.amax(dim=1).clamp(min=0) * clip_ratio
+    wmin = w.amin(dim=1).clamp(max=0) * clip_ratio
+    scale = round_up_to_dtype(((wmax - wmin) / max_code(bits)).clamp(min=EPS), scale_dtype)
     zero = torch.round(-wmin / scale).clamp(0, max_code(bits)).to(torch.int32)
     return scale, zero
 

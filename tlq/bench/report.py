@@ -1,0 +1,84 @@
+"""Benchmark output: a table on the terminal, a JSON file, a PNG plot (when matplotlib is installed)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_levels(result: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("conc", "ok/sent", "err", "req/s", "out tok/s", "TTFT p50/p90/p99 ms",
+                "TPOT p50/p99 ms", "ITL p50/p99 ms"):
+        table.add_column(col, justify="right")
+    for lv in result["levels"]:
+        t, p, i = lv["ttft_ms"], lv["tpot_ms"], lv["itl_ms"]
+        table.add_row(str(lv["concurrency"]), f"{lv['completed']}/{lv['sent']}", str(lv["errors"]),
+                      _fmt(lv["request_per_s"], ".2f"), _fmt(lv["output_tok_per_s"]),
+                      f"{_fmt(t['p50'], '.0f')}/{_fmt(t['p90'], '.0f')}/{_fmt(t['p99'], '.0f')}",
+                      f"{_fmt(p['p50'])}/{_fmt(p['p99'])}", f"{_fmt(i['p50'])}/{_fmt(i['p99'])}")
+    Console().print(table)
+
+
+def print_ratios(rows: list[dict], subject: str, reference: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{subject} / {reference} (throughput > 1 and latency < 1 favour {subject})")
+    cols = ("concurrency", "output_tok_per_s", "request_per_s", "ttft_p50", "tpot_p50", "itl_p99")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*(str(row[c]) if c == "concurrency" else _fmt(row[c], ".2f") for c in cols))
+    Console().print(table)
+
+
+def write_json(path: Path, data: dict) -> None:
+    from tlq.format.checkpoint import write_json_atomic
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+
+
+def plot(runs: dict[str, dict], path: Path) -> bool:
+    """Throughput and latency percentiles against concurrency, one line per run; False when skipped."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib, or the 'dev' extra)",
+              file=sys.stderr)
+        return False
+    panels = (("output_tok_per_s", None, "output tokens / s"), ("ttft_ms", ("p50", "p99"), "TTFT (ms)"),
+              ("tpot_ms", ("p50", "p99"), "TPOT (ms)"), ("itl_ms", ("p50", "p99"), "inter-token latency (ms)"))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, pcts, label) in zip(axes.flat, panels):
+        for name, run in runs.items():
+            xs = [lv["concurrency"] for lv in run["levels"]]
+            if pcts is None:
+                ax.plot(xs, [lv[key] for lv in run["levels"]], marker="o", label=name)
+            for pct in pcts or ():
+                ys = [lv[key][pct] for lv in run["levels"]]
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
+                        linestyle="-" if pct == "p50" else "--", label=f"{name} {pct}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("tlq bench")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
