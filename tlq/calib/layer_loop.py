@@ -35,6 +35,7 @@ class LoopResult:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_stats: list[dict] = field(default_factory=list)
+    final_streams: tuple | None = None  # (h_q, h_fp) after the last layer, for the next pipeline stage
 
 
 def modality_errors(out: list[torch.Tensor], target: list[torch.Tensor], modalities: list[torch.Tensor]) -> dict:
