@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "tlq.commands.fixture",
     "tlq.commands.calibrate",
     "tlq.commands.checkpoint",
+    "tlq.commands.serve",
 ]
 
 for _name in COMMAND_MODULES:

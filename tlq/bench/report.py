@@ -9,25 +9,33 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def print_levels(result: dict, title: str) -> None:
+def console():
+    """A rich console at least 120 columns wide: logs and pipes would otherwise wrap tables at 80."""
     from rich.console import Console
+    c = Console()
+    return c if c.is_terminal else Console(width=max(c.width, 120))
+
+
+def print_levels(result: dict, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("conc", "ok/sent", "err", "req/s", "out tok/s", "TTFT p50/p90/p99 ms",
-                "TPOT p50/p99 ms", "ITL p50/p99 ms"):
+    for col in ("conc", "ok/sent", "err", "req/s", "out tok/s", "TTFT ms p50/p90/p99",
+                "TPOT ms p50/p90/p99", "ITL ms p50/p90/p99"):
         table.add_column(col, justify="right")
     for lv in result["levels"]:
         t, p, i = lv["ttft_ms"], lv["tpot_ms"], lv["itl_ms"]
         table.add_row(str(lv["concurrency"]), f"{lv['completed']}/{lv['sent']}", str(lv["errors"]),
                       _fmt(lv["request_per_s"], ".2f"), _fmt(lv["output_tok_per_s"]),
-                      f"{_fmt(t['p50'], '.0f')}/{_fmt(t['p90'], '.0f')}/{_fmt(t['p99'], '.0f')}",
-                      f"{_fmt(p['p50'])}/{_fmt(p['p99'])}", f"{_fmt(i['p50'])}/{_fmt(i['p99'])}")
-    Console().print(table)
+                      _pcts(t, ".0f"), _pcts(p), _pcts(i))
+    console().print(table)
+
+
+def _pcts(dist: dict, spec: str = ".1f") -> str:
+    return "/".join(_fmt(dist[k], spec) for k in ("p50", "p90", "p99"))
 
 
 def print_ratios(rows: list[dict], subject: str, reference: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{subject} / {reference} (throughput > 1 and latency < 1 favour {subject})")
@@ -36,7 +44,7 @@ def print_ratios(rows: list[dict], subject: str, reference: str) -> None:
         table.add_column(col, justify="right")
     for row in rows:
         table.add_row(*(str(row[c]) if c == "concurrency" else _fmt(row[c], ".2f") for c in cols))
-    Console().print(table)
+    console().print(table)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -59,16 +67,20 @@ def plot(runs: dict[str, dict], path: Path) -> bool:
     panels = (("output_tok_per_s", None, "output tokens / s"), ("ttft_ms", ("p50", "p99"), "TTFT (ms)"),
               ("tpot_ms", ("p50", "p99"), "TPOT (ms)"), ("itl_ms", ("p50", "p99"), "inter-token latency (ms)"))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, pcts, label) in zip(axes.flat, panels):
-        for name, run in runs.items():
+        for n, (name, run) in enumerate(runs.items()):
             xs = [lv["concurrency"] for lv in run["levels"]]
+            color = colors[n % len(colors)]
             if pcts is None:
-                ax.plot(xs, [lv[key] for lv in run["levels"]], marker="o", label=name)
+                ax.plot(xs, [lv[key] for lv in run["levels"]], marker="o", color=color, label=name)
             for pct in pcts or ():
                 ys = [lv[key][pct] for lv in run["levels"]]
-                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", color=color,
                         linestyle="-" if pct == "p50" else "--", label=f"{name} {pct}")
         ax.set_xscale("log", base=2)
+        ticks = sorted({lv["concurrency"] for run in runs.values() for lv in run["levels"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("concurrency")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)

@@ -55,39 +55,56 @@ def token_gradients(model, adapter: ModelAdapter, samples: list[CapturedSample],
     for m in head:
         m.to(device)
     raw: RawImportance = []
+    every = range(len(layers))
     for sample in tqdm(samples, desc="gradients", disable=not progress, unit="sample"):
         kwargs = to_device(sample.layer_kwargs, device)
-        inputs, h = [], sample.hidden
-        with torch.no_grad():
-            for layer in layers:
-                inputs.append(h.cpu())
-                with _on(layer, device):
-                    h = layer(h.to(device), **kwargs)
+        inputs, h = forward_stage(layers, every, sample.hidden, kwargs, device)
         h = h.detach().requires_grad_(True)
         if (sample.labels != -100).sum() == 0:
             raise ValueError(f"sample {sample.sample_id} has no answer tokens")
         sft_loss(model, adapter, h, sample.labels).backward()
-        grad = h.grad
         per_layer = {}
-        for index in reversed(range(len(layers))):
-            layer = layers[index]
-            outputs = {}
-            hooks = [get_submodule(layer, getattr(adapter, f"{b}_module")).register_forward_hook(
-                _keep_output(outputs, b)) for b in BLOCKS]
-            try:
-                with _on(layer, device), torch.enable_grad():
-                    x = inputs[index].to(device).requires_grad_(True)
-                    layer(x, **kwargs).backward(grad)
-            finally:
-                for hk in hooks:
-                    hk.remove()
-            for b in BLOCKS:
-                per_layer[(index, b)] = outputs[b].grad.float().abs().mean(-1)[0].cpu()
-            grad = x.grad
+        backward_stage(adapter, layers, every, inputs, h.grad, kwargs, device, per_layer)
         raw.append(per_layer)
     for m in head:
         m.to("cpu")
     return raw
+
+
+def forward_stage(layers, indices: range, h: torch.Tensor, kwargs: dict, device: str):
+    """FP forward through layers[indices] (no graph); returns each layer's input (on CPU) and the output.
+
+    A pipeline stage of the multi-rank gradient pass (tlq/dist) runs the same two halves.
+    """
+    inputs = []
+    with torch.no_grad():
+        for index in indices:
+            inputs.append(h.cpu())
+            with _on(layers[index], device):
+                h = layers[index](h.to(device), **kwargs)
+    return inputs, h
+
+
+def backward_stage(adapter: ModelAdapter, layers, indices: range, inputs: list[torch.Tensor], grad: torch.Tensor,
+                   kwargs: dict, device: str, per_layer: dict) -> torch.Tensor:
+    """Recompute layers[indices] one at a time, last to first, each from its stored input, passing
+    `grad` (dL/d output) back; fills per_layer[(index, block)] and returns dL/d(first input)."""
+    for index in reversed(indices):
+        layer = layers[index]
+        outputs = {}
+        hooks = [get_submodule(layer, getattr(adapter, f"{b}_module")).register_forward_hook(
+            _keep_output(outputs, b)) for b in BLOCKS]
+        try:
+            with _on(layer, device), torch.enable_grad():
+                x = inputs[index - indices.start].to(device).requires_grad_(True)
+                layer(x, **kwargs).backward(grad)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        for b in BLOCKS:
+            per_layer[(index, b)] = outputs[b].grad.float().abs().mean(-1)[0].cpu()
+        grad = x.grad
+    return grad
 
 
 def _keep_output(store: dict, block: str):
@@ -132,26 +149,32 @@ def _token_weights(a: torch.Tensor, modality: torch.Tensor, cfg: ImportanceConfi
     return w / w.mean()
 
 
-def _mbq_ratios(raw_all: dict, modality: torch.Tensor) -> dict:
-    """MBQ's r_l = mean grad over vision / over answer tokens, floored at the median over layers."""
+def _mbq_ratios(raw_all: dict, modality: torch.Tensor, gather=None) -> dict:
+    """MBQ's r_l = mean grad over vision / over answer tokens, floored at the median over layers.
+
+    `gather` maps this process's ratios to those of every layer (a multi-rank run holds a share
+    of the layers); the median is order-free, so the result equals the single-process one."""
     ratios = {}
     for key, a in raw_all.items():
         vis, ans = a[modality == VISION], a[modality == ANSWER]
         ratios[key] = float(vis.mean() / ans.mean().clamp(min=1e-12)) if len(vis) and len(ans) else 1.0
-    median = float(torch.tensor(list(ratios.values())).median()) if ratios else 1.0
+    every = gather(ratios) if gather is not None else ratios
+    median = float(torch.tensor(list(every.values())).median()) if every else 1.0
     return {k: max(r, median) for k, r in ratios.items()}
 
 
-def integrate(raw: RawImportance, modalities: list[torch.Tensor], cfg: ImportanceConfig
+def integrate(raw: RawImportance, modalities: list[torch.Tensor], cfg: ImportanceConfig, gather=None
               ) -> list[dict[tuple[int, str], torch.Tensor]]:
-    """Final per-token weights, same structure as `raw` (see the module docstring)."""
+    """Final per-token weights, same structure as `raw` (see the module docstring).
+
+    Every step is per (layer, block) except MBQ's median over layers: `gather` (see _mbq_ratios)."""
     lengths = [len(m) for m in modalities]
     modality = torch.cat(modalities)
     keys = list(raw[0].keys())
     raw_all = {k: torch.cat([r[k] for r in raw]) for k in keys}
     weights_all = {}
     if cfg.mode == "modality":
-        ratios = _mbq_ratios(raw_all, modality)
+        ratios = _mbq_ratios(raw_all, modality, gather)
     for key in keys:
         if cfg.mode == "uniform":
             w = torch.ones(len(modality))

@@ -103,11 +103,14 @@ def _atomic_save(obj, path: Path) -> None:
 
 def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], weights: list[dict],
                    cfg: CalibConfig, work: WorkFolder, done: int, layer_range: range | None = None,
-                   start_streams: tuple | None = None, progress: bool = True) -> LoopResult:
+                   start_streams: tuple | None = None, progress: bool = True,
+                   fp_targets: dict[int, list[torch.Tensor]] | None = None) -> LoopResult:
     """Calibrate layers in `layer_range` (default: all) and return their results.
 
     `done` layers (from `WorkFolder.open`) are reloaded instead of recomputed;
-    `start_streams` = (h_q, h_fp) lets a pipeline stage start from another rank's outputs.
+    `start_streams` = (h_q, h_fp) lets a pipeline stage start from another rank's outputs;
+    `fp_targets` (layer -> y_fp per sample, consumed) are FP outputs a pipeline stage computed
+    ahead while earlier stages were still calibrating (tlq/dist).
     """
     layers = adapter.layers(model)
     layer_range = layer_range or range(len(layers))
@@ -133,7 +136,8 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
         if cfg.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         layer = layers[i]
-        y_fp = run_layer(layer.to(cfg.device), h_fp, kwargs, cfg.device)
+        layer.to(cfg.device)
+        y_fp = fp_targets.pop(i) if fp_targets and i in fp_targets else run_layer(layer, h_fp, kwargs, cfg.device)
         calib_stream = h_fp if cfg.method.exposure == "fp" else h_q
         inputs = LayerInputs(calib_stream, h_fp, kwargs,
                              [{b: w[(i, b)] for (li, b) in w if li == i} for w in weights])

@@ -45,20 +45,24 @@ def calibrate(cfg: CalibConfig, progress: bool = True) -> Path:
         log.info("resuming from %s: %d layer(s) already calibrated", cfg.work_dir, done)
     weights = token_weights(model, source, captured, cfg, work, progress)
     loop = run_layer_loop(model, source.adapter, captured, weights, cfg, work, done, progress=progress)
-    modalities = [s.modality for s in captured]
-    calibration = {
-        "method": cfg.method.name, "scheme": cfg.scheme.name, "seed": cfg.seed,
-        "calibration_file": str(cfg.calib) if cfg.calib else "bundled",
-        "samples": [{"id": s.id, "sha256": s.sha256} for s in samples],
-        "token_stats": weight_statistics(weights, modalities),
-        "importance": cfg.importance.__dict__, "exposure": cfg.method.exposure,
-    }
+    calibration = calibration_record(cfg, samples, weights, [s.modality for s in captured])
     report = {"layers": loop.layer_stats, "total_seconds": round(time.time() - t0, 2),
               "method": cfg.method.name, "scheme": cfg.scheme.name}
     out = write_quantized_model(source, cfg.out, cfg.scheme, cfg.method.name, loop.quantized,
                                 loop.float_overrides, calibration, report, cfg.act_order, cfg.overwrite)
     shutil.rmtree(cfg.work_dir, ignore_errors=True)
     return out
+
+
+def calibration_record(cfg: CalibConfig, samples, weights: list[dict], modalities) -> dict:
+    """The manifest's provenance section (also written by the multi-rank path, tlq/dist)."""
+    return {
+        "method": cfg.method.name, "scheme": cfg.scheme.name, "seed": cfg.seed,
+        "calibration_file": str(cfg.calib) if cfg.calib else "bundled",
+        "samples": [{"id": s.id, "sha256": s.sha256} for s in samples],
+        "token_stats": weight_statistics(weights, modalities),
+        "importance": cfg.importance.__dict__, "exposure": cfg.method.exposure,
+    }
 
 
 def load_samples(cfg: CalibConfig):

@@ -1,0 +1,125 @@
+"""Quality benchmark: every method x setting on the trained small VLMs, in the papers' table layout.
+
+    python -m benchmarks.quality --quick            # a few minutes: 1 seed, 2 settings, small test set
+    python -m benchmarks.quality --out runs/quality # the full grid (trains the models first if not cached)
+
+For each model (Qwen2-VL, LLaVA-OneVision, trained by benchmarks/fixtures/train.py) x setting
+(W3A16 g128, W4A8, W4A16 g128, W2A16 g64) x method (RTN, GPTQ, AWQ, SmoothQuant for W4A8, MBQ,
+TLQ and its ablations) x calibration seed: calibrate with tlq.calib.pipeline.calibrate, load the
+checkpoint with tlq.format.dequantize.load_dequantized, and measure KL to FP on answer tokens
+(primary) and greedy exact match per question type. Also checks that the fixtures are sensitive
+to quantization (RTN g64 at 4/3/2 bits). Writes results.jsonl (resumable), quality.json,
+quality.md and quality.png to --out. See docs/quality.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.fixtures import train as training  # noqa: E402
+from benchmarks.quality_lib import grid, report  # noqa: E402
+from benchmarks.quality_lib.evaluate import build_eval_set, load_for_eval, run_eval, summarize  # noqa: E402
+from benchmarks.quality_lib.runner import RunLog, RunOptions, run_cell  # noqa: E402
+
+ALL_METHODS = ["rtn", "gptq", "awq", "smoothquant", "mbq", "tlq", *grid.ABLATIONS]
+QUICK = dict(seeds=[0], settings=["w3a16", "w4a8"], test_limit=84, methods=["rtn", "gptq", "awq", "smoothquant",
+                                                                             "mbq", "tlq"])
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("runs/quality"), help="output folder")
+    p.add_argument("--quick", action="store_true", help="few-minute run: " + json.dumps(QUICK))
+    p.add_argument("--models", nargs="+", default=list(training.ARCHS), choices=training.ARCHS)
+    p.add_argument("--settings", nargs="*", default=None, choices=list(grid.SETTINGS),
+                   help="settings to run (none: only the FP and sensitivity evaluation)")
+    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="calibration seeds (default 0 1 2)")
+    p.add_argument("--calib-samples", type=int, default=32, help="samples drawn from the pool per seed")
+    p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test questions")
+    p.add_argument("--no-sensitivity", action="store_true", help="skip the RTN g64 fixture check")
+    p.add_argument("--cache", type=Path, default=None, help="trained-model cache root (default $TLQ_CACHE/trained)")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else {}
+    args.seeds = args.seeds or preset.get("seeds", [0, 1, 2])
+    args.settings = preset.get("settings", list(grid.SETTINGS)) if args.settings is None else args.settings
+    args.methods = args.methods or preset.get("methods", ALL_METHODS)
+    args.test_limit = args.test_limit or preset.get("test_limit")
+    args.mode = "quick" if args.quick else "full"
+    return args
+
+
+def _say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
+    """(FP summary, sensitivity summaries, test size, eval set) of one model; grid cells go to `log`."""
+    model_dir = training.ensure_trained(training.default_config(arch), args.cache, log=_say)
+    fp_model, processor = load_for_eval(model_dir, quantized=False)
+    evalset = build_eval_set(processor, data / "test.jsonl", limit=opts.test_limit)
+    fp_results, reference = run_eval(fp_model, evalset)
+    fp_summary = summarize(fp_results)
+    _say(f"{arch}: FP accuracy {fp_summary['all']['accuracy']:.1f} on {len(evalset.items)} questions")
+    del fp_model
+    work = args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    sens = {}
+    if not args.no_sensitivity:
+        for name, setting in grid.SENSITIVITY.items():
+            rec = run_cell(arch, model_dir, setting, "rtn", 0, opts, data / "calib.jsonl", work, evalset, reference, log)
+            sens[name] = rec["summary"]
+            _say(f"{arch}: sensitivity RTN {setting.label}: acc {rec['summary']['all']['accuracy']:.1f} "
+                 f"KL {rec['summary']['all']['kl']:.2e}")
+    for setting_name in args.settings:
+        setting = grid.SETTINGS[setting_name]
+        for method in grid.methods_for(setting, args.methods):
+            for seed in grid.seeds_for(method, list(opts.seeds)):
+                rec = run_cell(arch, model_dir, setting, method, seed, opts, data / "calib.jsonl", work, evalset,
+                               reference, log)
+                s = rec["summary"]["all"]
+                _say(f"{arch} {setting.label} {method} seed {seed}: acc {s['accuracy']:.1f} KL {s['kl']:.2e} "
+                     f"({rec['calib_seconds']:.0f}s + {rec['eval_seconds']:.0f}s)")
+    return fp_summary, sens, len(evalset.items), evalset
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.time()
+    opts = RunOptions(calib_samples=args.calib_samples, test_limit=args.test_limit, seeds=tuple(args.seeds))
+    data = training.ensure_data(training.default_config(args.models[0]).task, args.cache)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(args.out / "results.jsonl")
+    fp, sens, sizes = {}, {}, {}
+    for arch in args.models:
+        fp[arch], sens[arch], n, evalset = evaluate_model(arch, args, data, opts, log)
+        sizes = {"test_size": n, "test_image": sum(it.needs_image for it in evalset.items),
+                 "test_text": sum(not it.needs_image for it in evalset.items)}
+    keys = {(a, grid.SETTINGS[s].label, m, seed) for a in args.models for s in args.settings
+            for m in grid.methods_for(grid.SETTINGS[s], args.methods) for seed in grid.seeds_for(m, args.seeds)}
+    records = [r for r in log.records if (r["model"], r["setting"], r["method"], r["seed"]) in keys
+               and r["options"] == f"calib{opts.calib_samples}-test{opts.test_limit or 'all'}"]
+    table = report.aggregate(records, fp)
+    meta = {"mode": args.mode, "calib_samples": opts.calib_samples, "seeds": list(opts.seeds),
+            "pool_size": sum(1 for ln in (data / "calib.jsonl").read_text().splitlines() if ln.strip()),
+            "settings": args.settings, "methods": args.methods, "minutes": round((time.time() - t0) / 60, 1),
+            "torch_threads": torch.get_num_threads(), **sizes}
+    paths = report.write_reports(args.out, table, report.sensitivity_rows(sens, fp) if any(sens.values()) else [],
+                                 report.verdicts(table), meta)
+    _say(f"done in {meta['minutes']} min: " + ", ".join(str(p) for p in paths.values()))
+    return {"table": table, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()
