@@ -84,6 +84,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         echo(f"   tiny random Qwen2-VL at {model}")
     ckpt = Path(cfg.workdir) / f"qwen2-vl-tiny-{cfg.method}-{cfg.scheme}"
     with clock.phase("calibrate"):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per load: noise in a demo
         Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
         calibrate(CalibConfig(model=model, out=ckpt, method=get_method(cfg.method), scheme=get_scheme(cfg.scheme),
                               max_samples=cfg.max_samples, overwrite=True, resume=False), progress=False)
@@ -95,7 +97,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             server.wait_ready()
             echo(f"   {server.url} serving {server.model_name!r}")
         endpoint = Endpoint(server.url, server.model_name)
-        image = sorted((bundled_calibration_path().parent / "images").glob("*.png"))[0]
+        image = min((bundled_calibration_path().parent / "images").glob("*.png"))
         with clock.phase("questions"):
             question = "Describe a red square on a white background."
             out["text_answer"] = _ask(endpoint, question)

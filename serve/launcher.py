@@ -25,8 +25,8 @@ def ready_banner(server: ServerProcess) -> str:
     key_expr = 'os.environ["TLQ_API_KEY"]' if cfg.api_key else '"EMPTY"'
     images = cfg.images_per_prompt
     lines = [
-        f"TLQ server ready in {server.ready_after:.0f} s: {server.url}  (model {cfg.served_model_name!r}, "
-        f"max {cfg.max_model_len} tokens, {images} image{'s' if images != 1 else ''} per prompt, tp {cfg.tp})",
+        (f"TLQ server ready in {server.ready_after:.0f} s: {server.url}  (model {cfg.served_model_name!r}, "
+         f"max {cfg.max_model_len} tokens, {images} image{'s' if images != 1 else ''} per prompt, tp {cfg.tp})"),
         f"log: {server.log_path}",
         "" if not cfg.api_key else "requests need the API key: export TLQ_API_KEY=<the key you passed>",
         "curl:",

@@ -35,7 +35,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # as uvicorn does: connections in TIME_WAIT from earlier clients do not block a new server
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -43,11 +46,12 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
+def _alive(proc) -> bool:
+    """True while `proc` (a psutil.Process) runs; a reused pid or a zombie counts as gone."""
     import psutil
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
@@ -65,7 +69,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self._own_run_dir = cfg.run_dir is None
         self.run_dir: Path | None = Path(cfg.run_dir) if cfg.run_dir else None
-        self._descendants: set[int] = set()
+        self._descendants: dict = {}  # pid -> psutil.Process (remembers its start time)
         self._force = False
         self.started_at = 0.0
         self.ready_after: float | None = None
@@ -102,7 +106,8 @@ class ServerProcess:
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                env=vllm_env(self.cfg, self.run_dir), start_new_session=True, preexec_fn=_die_with_parent)
+                env=vllm_env(self.cfg, self.run_dir), start_new_session=True,
+                preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only, no locks taken
 
     def healthy(self, timeout: float = 2.0) -> bool:
         try:
@@ -159,19 +164,29 @@ class ServerProcess:
         """A second Ctrl-C during `stop()`: stop waiting for a graceful shutdown."""
         self._force = True
 
-    def _kill_leftovers(self) -> None:
+    def _kill_leftovers(self, timeout: float = 10.0) -> None:
+        import psutil
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # our session's group: engine, workers, trackers
-        for pid in self._descendants:
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        left = []
+        for proc in self._descendants.values():  # psutil refuses to signal a pid reused since
+            if _alive(proc):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+                    left.append(proc)
+        # SIGKILL is asynchronous: return only once they are gone (or zombies awaiting their reaper)
+        _, alive = psutil.wait_procs(left, timeout=timeout)
+        alive = [p for p in alive if _alive(p)]
+        if alive:
+            log.warning("processes %s of the server did not die after SIGKILL", [p.pid for p in alive])
 
     def _record_descendants(self) -> None:
         import psutil
+        if self.proc is None or self.proc.poll() is not None:
+            return  # once reaped, its pid may belong to someone else
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.proc.pid).children(recursive=True):
-                self._descendants.add(child.pid)
+                self._descendants.setdefault(child.pid, child)
 
     def descendants(self) -> set[int]:
         """Pids of every process the server has forked so far (seen while polling)."""
@@ -189,7 +204,7 @@ class ServerProcess:
                 return line.strip()[-max_chars:]
         return lines[-1].strip()[-max_chars:] if lines else "empty log"
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self):
         try:
             self.start()
             self.wait_ready()

@@ -123,7 +123,13 @@ class Int8Backend:
         layer.register_parameter("input_zero_point", None)
         if not hasattr(layer, "azp_adj"):
             layer.register_parameter("azp_adj", None)
-        self.kernel.process_weights_after_loading(layer)
+        # the CPU kernel fixes its output dtype from torch's default dtype at this point
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(layer.params_dtype)
+        try:
+            self.kernel.process_weights_after_loading(layer)
+        finally:
+            torch.set_default_dtype(previous)
         return Served(type(self.kernel).__name__, "W4A8: int4 weights upcast to int8, per-token dynamic "
                       "symmetric int8 activations")
 

@@ -61,7 +61,7 @@ class TLQConfig(QuantizationConfig):
         return []  # the quantization_config lives in config.json
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "TLQConfig":
+    def from_config(cls, config: dict[str, Any]) -> TLQConfig:
         return cls(ServeSpec.from_quant_config(config))
 
     @classmethod

@@ -72,7 +72,7 @@ def run_job(job: dict) -> dict:
             results = llm.chat(convs, params, use_tqdm=False)
             report[model["name"]] = {"dtype": str(llm.llm_engine.model_config.dtype),
                                      "seconds": round(time.time() - t0, 2), "outputs": _outputs(results)}
-        except Exception as exc:  # reported per model; the caller asserts on it
+        except Exception as exc:  # noqa: BLE001 - reported per model; the caller asserts on it
             report[model["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             del llm

@@ -41,7 +41,7 @@ class ServeSpec:
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
 
     @classmethod
-    def from_quant_config(cls, cfg: dict) -> "ServeSpec":
+    def from_quant_config(cls, cfg: dict) -> ServeSpec:
         if cfg.get("quant_method", "tlq") != "tlq":
             raise CheckpointError(f"quantization_config.quant_method is {cfg.get('quant_method')!r}, not 'tlq'")
         version = cfg.get("format_version", FORMAT_VERSION)

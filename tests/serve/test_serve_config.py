@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from serve.config import (ServeConfig, check_tensor_parallel, cpu_thread_binding, model_defaults, resolve,
-                          vllm_command, vllm_env)
+from serve.config import (
+    ServeConfig,
+    check_tensor_parallel,
+    cpu_thread_binding,
+    model_defaults,
+    resolve,
+    vllm_command,
+    vllm_env,
+)
 from serve.process import ServerProcess, port_in_use
 from tlq.errors import CheckpointError, TLQError
 

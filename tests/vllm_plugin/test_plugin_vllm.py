@@ -33,7 +33,7 @@ pytestmark = pytest.mark.vllm
 try:
     import vllm  # noqa: F401
     HAVE_VLLM = True
-except Exception:  # vllm missing or not importable on this machine
+except Exception:  # noqa: BLE001 - any import failure means vllm is unusable here: skip
     HAVE_VLLM = False
 
 LOGPROB_TOL = 0.02
@@ -115,11 +115,15 @@ def build_case(src: Path, out_root: Path, case: Case) -> tuple[Path, Path]:
     out = out_root / case.name
     if case.act_order:
         build_act_order(src, out, case)
-    else:
-        from tlq.calib.config import CalibConfig, get_method
-        from tlq.calib.pipeline import calibrate
-        calibrate(CalibConfig(model=src, out=out, method=get_method("rtn"), scheme=case.spec(), overwrite=True),
-                  progress=False)
+    else:  # the CLI, in-process (no interpreter start-up per checkpoint)
+        from tlq.cli import main
+        args = ["calibrate", str(src), "--method", "rtn", "--scheme", case.scheme, "--out", str(out),
+                "--overwrite", "--quiet"]
+        if case.group_size is not None:
+            args += ["--group-size", str(case.group_size)]
+        if case.sym is not None:
+            args += ["--sym" if case.sym else "--asym"]
+        main(args)
     return out, write_dequantized(out, out_root / f"{case.name}-deq", overwrite=True)
 
 
@@ -140,7 +144,8 @@ def run_probe(job: dict, tmp: Path, timeout: int = 400, **env) -> dict:
     (tmp / "job.json").write_text(json.dumps(job))
     out = tmp / "out.json"
     proc = subprocess.run([sys.executable, "-m", "vllm_plugin.probe", str(tmp / "job.json"), str(out)],
-                          cwd=REPO, env=vllm_env(tmp, **env), capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, env=vllm_env(tmp, **env), capture_output=True, text=True, timeout=timeout,
+                          check=False)
     (tmp / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0 and out.is_file(), f"probe failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     report = json.loads(out.read_text())
@@ -168,3 +173,132 @@ def compare(got: dict, ref: dict, tol: float) -> list[str]:
                                     f"{margin:.4f})")
                 break  # prefixes differ from here on: later positions are not comparable
     return problems
+
+
+def served_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "tlq: serving" in line]
+
+
+class Runs:
+    """Builds and serves each architecture's checkpoints once per test session, on first use."""
+
+    def __init__(self, root: Path, cache):
+        self.root, self.cache, self.done = root, cache, {}
+
+    def arch(self, arch: str) -> dict:
+        if arch not in self.done:
+            self.done[arch] = self._run(arch)
+        return self.done[arch]
+
+    def _run(self, arch: str) -> dict:
+        import shutil
+
+        from tlq.export import export_compressed_tensors
+        from tlq.fixtures import ensure_fixture
+        src = ensure_fixture(arch, self.cache, seed=0, size="tiny")
+        root = self.root / arch
+        models, paths = [], {}
+        for case in CASES[arch]:
+            q, d = build_case(src, root, case)
+            paths[case.name] = q
+            models += [{"name": case.name, "path": str(q)}, {"name": f"{case.name}-deq", "path": str(d)}]
+            if case.scheme == "w4a8":  # the exact int8-activation simulation, for the kernel's parity
+                models.append({"name": f"{case.name}-torch", "path": str(q), "env": {"TLQ_LINEAR_BACKEND": "torch"}})
+        for name in CT_EXPORTS[arch]:  # stock vLLM, no tlq method: quant_method compressed-tensors
+            out = export_compressed_tensors(paths[name], root / f"{name}-ct", overwrite=True)
+            models.append({"name": f"{name}-ct", "path": str(out)})
+        if arch == "qwen2-vl":  # a damaged copy must be refused before any weight is read
+            bad = root / "damaged"
+            shutil.rmtree(bad, ignore_errors=True)
+            shutil.copytree(paths["w4a16-g128-sym"], bad)
+            data = bytearray((bad / "model.safetensors").read_bytes())
+            data[-10] ^= 0xFF
+            (bad / "model.safetensors").write_bytes(bytes(data))
+            models.insert(0, {"name": "damaged", "path": str(bad)})
+        report = run_probe({"models": models, "prompts": PROMPTS}, root / "run")
+        report["_paths"] = paths
+        return report
+
+
+CT_EXPORTS = {"qwen2-vl": ["w4a16-g128-sym", "w4a8"], "llava-onevision": ["w4a16-g32-asym"]}
+ALL_CASES = [(arch, c) for arch, cases in CASES.items() for c in cases]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, fixture_cache):
+    if not HAVE_VLLM:
+        pytest.skip("vllm is not importable here")
+    return Runs(tmp_path_factory.mktemp("vllm-e2e"), fixture_cache)
+
+
+def ok(report: dict, name: str) -> dict:
+    entry = report[name]
+    assert "error" not in entry, f"{name} failed to load: {entry['error'][:2000]}"
+    assert entry["dtype"] == "torch.bfloat16"  # vLLM keeps the checkpoint's bf16 on CPU
+    assert all(o["tokens"] and len(o["top"]) == len(o["tokens"]) for o in entry["outputs"])
+    return entry
+
+
+@pytest.mark.parametrize("arch, case", ALL_CASES, ids=[f"{a}-{c.name}" for a, c in ALL_CASES])
+def test_plugin_matches_dequantized_float_model(runs, arch, case):
+    report = runs.arch(arch)
+    got, ref = ok(report, case.name), ok(report, f"{case.name}-deq")
+    if case.scheme == "w4a8":
+        sim = ok(report, f"{case.name}-torch")
+        assert not compare(got, sim, LOGPROB_TOL), compare(got, sim, LOGPROB_TOL)
+        assert not compare(sim, ref, W4A8_FLOAT_TOL), compare(sim, ref, W4A8_FLOAT_TOL)
+    else:
+        assert not compare(got, ref, LOGPROB_TOL), compare(got, ref, LOGPROB_TOL)
+    line = next(s for s in served_lines(report["_log"]) if f"{case.spec().bits}-bit" in s
+                and case.scheme in s and ("act-order" in s) == bool(case.act_order))
+    assert f"{case.expect_kernel} for" in line, line
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_comparison_detects_other_weights(runs, arch):
+    """Negative control: the tolerance separates one checkpoint from another scheme's weights."""
+    report = runs.arch(arch)
+    a, b = CASES[arch][0].name, CASES[arch][1].name
+    assert compare(ok(report, a), ok(report, f"{b}-deq"), LOGPROB_TOL)
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_one_summary_per_model_and_vision_tower_unquantized(runs, arch):
+    report = runs.arch(arch)
+    lines = served_lines(report["_log"])
+    tlq_models = [n for n in report if not n.startswith("_") and not n.endswith(("-deq", "-ct"))
+                  and "error" not in report[n]]
+    assert len(lines) == len(tlq_models)
+    tower = "visual" if arch == "qwen2-vl" else "vision_tower"
+    assert all(f"linears unquantized ({tower}" in line and "8 quantized linears" in line for line in lines)
+
+
+def test_damaged_checkpoint_is_refused_before_loading(runs):
+    report = runs.arch("qwen2-vl")
+    err = report["damaged"].get("error", "")
+    assert "does not match its sha256" in err and "model.safetensors" in err, err
+
+
+@pytest.mark.parametrize("arch, name", [(a, n) for a, names in CT_EXPORTS.items() for n in names])
+def test_compressed_tensors_export_matches_plugin(runs, arch, name):
+    report = runs.arch(arch)
+    exported, plugin = ok(report, f"{name}-ct"), ok(report, name)
+    assert not compare(exported, plugin, LOGPROB_TOL), compare(exported, plugin, LOGPROB_TOL)
+
+
+TP_CASES = ["w3a16-g128-asym", "w4a16-g64-asym-actorder"]
+
+
+def test_tensor_parallel_2_matches_single_rank(runs, tmp_path):
+    report = runs.arch("qwen2-vl")
+    paths = report["_paths"]
+    job = {"models": [{"name": n, "path": str(paths[n])} for n in TP_CASES], "prompts": PROMPTS,
+           "llm_kwargs": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}}
+    tp = run_probe(job, tmp_path / "tp2", timeout=500, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    for name in TP_CASES:
+        assert not compare(ok(tp, name), ok(report, name), LOGPROB_TOL), compare(tp[name], report[name], LOGPROB_TOL)
+    lines = served_lines(tp["_log"])
+    assert sum("[TP rank 1/2]" in line for line in lines) == len(TP_CASES)
+    # act-order row splits keep no whole groups here: those layers fall back, the column ones use the kernel
+    act = [line for line in lines if "act-order" in line]
+    assert act and all("CPUWNA16 for 4" in line and "torch for 4" in line for line in act)

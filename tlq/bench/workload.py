@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 from tlq.errors import TLQError
 
-_WORDS = ("red square blue circle green triangle small large left right top bottom picture colour shape "
-          "count describe between above below near far bright dark striped dotted").split()
+_WORDS = ["red", "square", "blue", "circle", "green", "triangle", "small", "large", "left", "right", "top", "bottom", "picture", "colour", "shape", "count", "describe", "between", "above", "below", "near", "far", "bright", "dark", "striped", "dotted"]
 
 
 @dataclass

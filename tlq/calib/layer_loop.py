@@ -104,14 +104,16 @@ def _atomic_save(obj, path: Path) -> None:
 def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], weights: list[dict],
                    cfg: CalibConfig, work: WorkFolder, done: int, layer_range: range | None = None,
                    start_streams: tuple | None = None, progress: bool = True,
-                   fp_targets: dict[int, list[torch.Tensor]] | None = None) -> LoopResult:
+                   fp_targets: dict[int, list[torch.Tensor]] | None = None, keep=None) -> LoopResult:
     """Calibrate layers in `layer_range` (default: all) and return their results.
 
     `done` layers (from `WorkFolder.open`) are reloaded instead of recomputed;
     `start_streams` = (h_q, h_fp) lets a pipeline stage start from another rank's outputs;
     `fp_targets` (layer -> y_fp per sample, consumed) are FP outputs a pipeline stage computed
-    ahead while earlier stages were still calibrating (tlq/dist).
+    ahead while earlier stages were still calibrating (tlq/dist); `keep` maps each layer's
+    quantized weights to what the result holds (tlq/dist packs them: 8x less memory than int32 codes).
     """
+    keep = keep or (lambda quantized: quantized)
     layers = adapter.layers(model)
     layer_range = layer_range or range(len(layers))
     dtype = next(model.parameters()).dtype
@@ -123,7 +125,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
         h_q, h_fp = state["h_q"], state["h_fp"]
         for i in range(layer_range.start, done):
             saved = work.load_layer(i)
-            result.quantized.update(saved["quantized"])
+            result.quantized.update(keep(saved["quantized"]))
             result.float_overrides.update(saved["float_overrides"])
             result.layer_stats.append(saved["stats"])
     else:
@@ -151,7 +153,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
                  "seconds": round(time.time() - t0, 3), "peak_mem_mb": round(_peak_memory_mb(cfg.device), 1)}
         h_fp = y_fp
         work.save_layer(i, {"quantized": quantized, "float_overrides": overrides, "stats": stats}, h_q, h_fp)
-        result.quantized.update(quantized)
+        result.quantized.update(keep(quantized))
         result.float_overrides.update(overrides)
         result.layer_stats.append(stats)
         bar.set_postfix(rel_vision=_fmt(stats["rel_vision"]), rel_text=_fmt(stats["rel_text"]))

@@ -58,6 +58,7 @@ def calibration_record(cfg: CalibConfig, samples, weights: list[dict], modalitie
     """The manifest's provenance section (also written by the multi-rank path, tlq/dist)."""
     return {
         "method": cfg.method.name, "scheme": cfg.scheme.name, "seed": cfg.seed,
+        "source_model": str(source.path.resolve()),
         "calibration_file": str(cfg.calib) if cfg.calib else "bundled",
         "samples": [{"id": s.id, "sha256": s.sha256} for s in samples],
         "token_stats": weight_statistics(weights, modalities),
@@ -88,7 +89,8 @@ def _rtn(source: SourceModel, cfg: CalibConfig, t0: float) -> Path:
     weights = source.load_state_dict({f"{n}.weight" for n in names})
     quantized = {n: quantize_rtn(weights[f"{n}.weight"].float(), cfg.scheme.bits, cfg.scheme.group_size,
                                  cfg.scheme.symmetric, source.dtype) for n in names}
-    calibration = {"method": "rtn", "scheme": cfg.scheme.name, "seed": cfg.seed, "samples": []}
+    calibration = {"method": "rtn", "scheme": cfg.scheme.name, "seed": cfg.seed, "samples": [],
+                   "source_model": str(source.path.resolve())}
     report = {"layers": [], "total_seconds": round(time.time() - t0, 2), "method": "rtn", "scheme": cfg.scheme.name}
     return write_quantized_model(source, cfg.out, cfg.scheme, "rtn", quantized, {}, calibration, report,
                                  False, cfg.overwrite)

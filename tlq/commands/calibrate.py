@@ -62,7 +62,17 @@ def calibrate(
         return
     if nproc > 1:
         from tlq.dist.launch import launch_torchrun
-        raise typer.Exit(launch_torchrun(nproc))
+        code = launch_torchrun(nproc)
+        if code:
+            raise SystemExit(code)  # typer.Exit's code is lost under standalone_mode=False (tlq/cli.py)
+        return
+    from tlq.dist.context import env_world_size
+    if env_world_size() > 1:  # started by torchrun: this process calibrates one stage
+        from tlq.dist.run import calibrate_distributed
+        path = calibrate_distributed(cfg, progress=not quiet)
+        if path is not None:  # rank 0
+            _print_summary(path)
+        return
     from tlq.calib.pipeline import calibrate as run
     path = run(cfg, progress=not quiet)
     _print_summary(path)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,15 +20,15 @@ def serve(
     tp: int = typer.Option(1, "--tp", help="tensor-parallel size (GPUs; on the CPU build, ranks pinned to cores)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
     port: int = typer.Option(8000, help="port of the OpenAI-compatible API"),
-    api_key: Optional[str] = typer.Option(None, envvar="TLQ_API_KEY",
-                                          help="require this bearer token (also read from $TLQ_API_KEY)"),
-    served_model_name: Optional[str] = typer.Option(None, help="model name clients use (default: folder name)"),
-    max_model_len: Optional[int] = typer.Option(None, help="context length (default: the config's, capped at 8192)"),
-    images_per_prompt: Optional[int] = typer.Option(None, help="images per request (default: 1 for a VLM)"),
-    dtype: Optional[str] = typer.Option(None, help="activation dtype (default: the checkpoint's)"),
-    max_num_seqs: Optional[int] = typer.Option(None, help="sequences batched per step (vLLM's default)"),
-    gpu_memory_utilization: Optional[float] = typer.Option(None, help="GPU memory fraction (GPU only)"),
-    run_dir: Optional[Path] = typer.Option(None, help="folder for the server log, temp files and caches"),
+    api_key: str | None = typer.Option(None, envvar="TLQ_API_KEY",
+                                       help="require this bearer token (also read from $TLQ_API_KEY)"),
+    served_model_name: str | None = typer.Option(None, help="model name clients use (default: folder name)"),
+    max_model_len: int | None = typer.Option(None, help="context length (default: the config's, capped at 8192)"),
+    images_per_prompt: int | None = typer.Option(None, help="images per request (default: 1 for a VLM)"),
+    dtype: str | None = typer.Option(None, help="activation dtype (default: the checkpoint's)"),
+    max_num_seqs: int | None = typer.Option(None, help="sequences batched per step (vLLM's default)"),
+    gpu_memory_utilization: float | None = typer.Option(None, help="GPU memory fraction (GPU only)"),
+    run_dir: Path | None = typer.Option(None, help="folder for the server log, temp files and caches"),
     startup_timeout: float = typer.Option(600.0, help="seconds to wait for the server to be ready"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip hashing the checkpoint (shapes still checked by vLLM)"),
     vllm_arg: list[str] = typer.Option([], "--vllm-arg", help="extra argument for `vllm serve` (repeatable)"),
@@ -50,7 +49,7 @@ def serve(
 
 def bench(
     target: str = typer.Argument(..., help="a local URL (http://127.0.0.1:PORT/v1) or a checkpoint folder to serve for the run"),
-    compare: Optional[str] = typer.Option(None, help="second URL or folder (e.g. the float model) with the same workload"),
+    compare: str | None = typer.Option(None, help="second URL or folder (e.g. the float model) with the same workload"),
     concurrency: str = typer.Option("1,4,16", help="concurrency levels, comma-separated"),
     requests: int = typer.Option(32, help="requests per concurrency level"),
     max_tokens: int = typer.Option(64, help="output tokens per request"),
@@ -61,11 +60,11 @@ def bench(
     request_timeout: float = typer.Option(120.0, help="seconds before a request counts as an error"),
     seed: int = typer.Option(0, help="workload seed"),
     port: int = typer.Option(18400, help="port for a folder served for the run (--compare uses port + 1)"),
-    api_key: Optional[str] = typer.Option(None, envvar="TLQ_API_KEY", help="bearer token of the server"),
-    model: Optional[str] = typer.Option(None, help="served model name at TARGET (default: its first)"),
-    max_num_seqs: Optional[int] = typer.Option(None, help="--max-num-seqs of servers started here"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the results as JSON"),
-    plot: Optional[Path] = typer.Option(None, help="write a PNG plot (needs matplotlib)"),
+    api_key: str | None = typer.Option(None, envvar="TLQ_API_KEY", help="bearer token of the server"),
+    model: str | None = typer.Option(None, help="served model name at TARGET (default: its first)"),
+    max_num_seqs: int | None = typer.Option(None, help="--max-num-seqs of servers started here"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="write the results as JSON"),
+    plot: Path | None = typer.Option(None, help="write a PNG plot (needs matplotlib)"),
 ) -> None:
     """Load-test TARGET: TTFT / TPOT / inter-token latency percentiles and throughput per concurrency."""
     from tlq.bench import BenchConfig, BenchTargets
@@ -86,14 +85,14 @@ def bench(
 def eval_command(
     ckpt: str = typer.Argument(..., help="quantized checkpoint folder (or a local URL serving it)"),
     fp: str = typer.Option(..., "--fp", help="the float model folder (or a local URL serving it)"),
-    data: Optional[Path] = typer.Option(None, help="QA JSONL in the calibration format (default: the bundled set)"),
+    data: Path | None = typer.Option(None, help="QA JSONL in the calibration format (default: the bundled set)"),
     backend: str = typer.Option("endpoint", help="endpoint (vLLM serves each model) or transformers (dequantized)"),
-    max_samples: Optional[int] = typer.Option(None, help="evaluate at most N questions"),
+    max_samples: int | None = typer.Option(None, help="evaluate at most N questions"),
     max_new_tokens: int = typer.Option(32, help="tokens generated per answer (greedy)"),
     top_k: int = typer.Option(10, help="endpoint backend: logprobs per position for the KL estimate"),
     port: int = typer.Option(18400, help="port for folders served here (the float model uses port + 1)"),
-    api_key: Optional[str] = typer.Option(None, envvar="TLQ_API_KEY", help="bearer token of URL targets"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write per-question results and the table as JSON"),
+    api_key: str | None = typer.Option(None, envvar="TLQ_API_KEY", help="bearer token of URL targets"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="write per-question results and the table as JSON"),
 ) -> None:
     """Accuracy of CKPT against its float model: exact match, agreement and KL, split by question type."""
     from tlq.bench.report import write_json
@@ -108,7 +107,7 @@ def eval_command(
 
 
 def demo(
-    workdir: Optional[Path] = typer.Option(None, help="where the demo checkpoint goes (default: $TMPDIR/tlq-demo)"),
+    workdir: Path | None = typer.Option(None, help="where the demo checkpoint goes (default: $TMPDIR/tlq-demo)"),
     port: int = typer.Option(18400, help="port of the demo server"),
     method: str = typer.Option("tlq", help="calibration method"),
     scheme: str = typer.Option("w4a16", help="quantization scheme"),

@@ -109,16 +109,16 @@ def print_table(result: dict) -> None:
 
     from tlq.bench.report import console
 
-    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
+    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)
     table = Table(title=f"tlq eval ({result['backend']}): {Path(result['checkpoint']).name} vs "
                         f"{Path(result['fp']).name}; KL(fp || quant) per answer token, {result['kl']}")
     for col in ("question type", "n", "EM fp %", "EM quant %", "recovery %", "agreement %", "KL mean"):
         table.add_column(col, justify="right")
-    for row in result["table"]:
+    rows = result["table"]
+    for i, row in enumerate(rows):
         table.add_row(row["question_type"], str(row["n"]), fmt(row["em_fp"]), fmt(row["em_quant"]),
                       fmt(row["recovery"]), fmt(row["agreement"]), fmt(row["kl_mean"], ".4g"),
-                      end_section=row["question_type"] == result["table"][-2]["question_type"]
-                      if len(result["table"]) > 1 else False)
+                      end_section=i == len(rows) - 2)  # a rule above the "all" row
     console().print(table)
 
 

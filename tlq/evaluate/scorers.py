@@ -62,7 +62,7 @@ class TransformersScorer:
         self.max_new_tokens = max_new_tokens
 
     @classmethod
-    def from_folder(cls, path: Path, max_new_tokens: int = 32, device: str = "cpu") -> "TransformersScorer":
+    def from_folder(cls, path: Path, max_new_tokens: int = 32, device: str = "cpu") -> TransformersScorer:
         """A TLQ checkpoint is dequantized (never loaded as is: transformers would silently random-init
         the packed weights); any other folder is loaded as a float model."""
         from serve.config import read_config

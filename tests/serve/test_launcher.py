@@ -1,0 +1,105 @@
+"""Foreground `tlq serve` without vLLM: CLI parsing, the banner, SIGTERM forwarding to a stand-in server."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from serve.config import ServeConfig
+
+FAKE_SERVER = textwrap.dedent("""
+    import http.server, signal, subprocess, sys
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # like vLLM's engine
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+        def log_message(self, *a):
+            pass
+    def bye(sig, _):
+        print("fake server got", signal.Signals(sig).name, flush=True)
+        child.terminate()
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, bye)
+    signal.signal(signal.SIGINT, bye)
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+""")
+
+RUNNER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import serve.process as sp
+    from serve.config import ServeConfig
+    from serve.launcher import serve_forever
+    port = int(sys.argv[2])
+    sp.vllm_command = lambda cfg: [sys.executable, "-c", sys.argv[3], str(port)]
+    sys.exit(serve_forever(ServeConfig(model=Path(sys.argv[1]), port=port, run_dir=Path(sys.argv[4]),
+                                       verify=False, device="cpu")))
+""")
+
+
+def test_cli_passes_options_through(qwen2_vl_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tlq.cli import app
+    seen = {}
+    monkeypatch.setattr("serve.launcher.serve_forever", lambda cfg, echo: seen.setdefault("cfg", cfg) and 0)
+    res = CliRunner().invoke(app, ["serve", str(qwen2_vl_dir), "--port", "18431", "--tp", "2",
+                                   "--vllm-arg=--max-num-batched-tokens=4096", "--max-num-seqs", "8"],
+                             env={"TLQ_API_KEY": "k1"})
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert (cfg.port, cfg.tp, cfg.api_key, cfg.max_num_seqs, cfg.host) == (18431, 2, "k1", 8, "127.0.0.1")
+    assert cfg.extra_args == ["--max-num-batched-tokens=4096"]
+
+
+def test_banner_without_and_with_a_key(qwen2_vl_dir):
+    from types import SimpleNamespace
+
+    from serve.config import model_defaults, resolve
+    from serve.launcher import ready_banner
+    for key in (None, "k"):
+        cfg = resolve(ServeConfig(model=qwen2_vl_dir, port=18432, api_key=key, device="cpu"),
+                      model_defaults(qwen2_vl_dir))
+        fake = SimpleNamespace(cfg=cfg, url="http://127.0.0.1:18432/v1", ready_after=1.0, log_path="x.log")
+        text = ready_banner(fake)
+        assert "curl http://127.0.0.1:18432/v1/chat/completions" in text
+        assert ("Bearer $TLQ_API_KEY" in text) == (key is not None)
+        assert ('os.environ["TLQ_API_KEY"]' in text) == (key is not None)
+        assert key is None or "'k'" not in text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_is_forwarded_and_nothing_is_left(qwen2_vl_dir, tmp_path, sig):
+    import psutil
+
+    from serve.process import port_in_use
+    port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
+    out = tmp_path / "out.log"
+    with open(out, "wb") as f:
+        runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(qwen2_vl_dir), str(port), FAKE_SERVER,
+                                   str(tmp_path / "run")], stdout=f, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "TLQ server ready" not in out.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.2)
+        kids = psutil.Process(runner.pid).children(recursive=True)
+        assert len(kids) >= 2  # the stand-in server and its own child
+        runner.send_signal(sig)
+        assert runner.wait(30) == 0, out.read_text()
+        _, alive = psutil.wait_procs(kids, timeout=10)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        text = out.read_text()
+        assert f"got {sig.name}: server stopped" in text
+        assert f"fake server got {sig.name}" in (tmp_path / "run" / "server.log").read_text()
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()

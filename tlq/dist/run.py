@@ -1,0 +1,210 @@
+"""`calibrate_distributed(cfg)`: this rank's part of a multi-rank calibration (see tlq/dist/__init__.py)."""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import resource
+import shutil
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tlq.calib.assemble import check_group_size, decoder_linear_names
+from tlq.calib.capture import capture_inputs
+from tlq.calib.config import CalibConfig
+from tlq.calib.importance import integrate, uniform_weights
+from tlq.calib.layer_loop import WorkFolder
+from tlq.calib.pipeline import calibration_record, load_samples
+from tlq.dist.context import PeerLost, RankContext, init_rank
+from tlq.dist.exchange import all_agree, collect, mbq_gather, merge_weights, share_samples
+from tlq.dist.gradients import pipeline_gradients
+from tlq.dist.plan import plan_stages, tensor_bytes
+from tlq.dist.stage_loop import fp_prefetch, run_stage
+from tlq.dist.stage_model import LoadRecord, build_skeleton, materialize, read_tensors, share
+from tlq.dist.watchdog import ABORT_EXIT
+from tlq.dist.writer import finalize, packer, rank_tensors, remove_own_shards, temp_folder, write_shards
+from tlq.errors import TLQError
+from tlq.format.checkpoint import check_output_dir
+from tlq.model_io import open_source_model
+from tlq.quant.qparams import quantize_rtn
+
+log = logging.getLogger("tlq.calibrate")
+
+
+def rank_work_dir(cfg: CalibConfig, rank: int, world: int) -> Path:
+    """Per-rank resumable results, a sibling of the single-process work folder (never inside it)."""
+    return cfg.work_dir.parent / f"{cfg.work_dir.name}-rank{rank}of{world}"
+
+
+def calibrate_distributed(cfg: CalibConfig, progress: bool = True) -> Path | None:
+    """Run this rank's stage; rank 0 returns the checkpoint folder, the other ranks None."""
+    ctx = init_rank(cfg.device)
+    try:
+        path = _calibrate(ctx, cfg, progress)
+    except BaseException as exc:  # noqa: BLE001 - every failure stops all ranks the same way
+        _fail(ctx, exc)
+    ctx.shutdown()
+    return path
+
+
+def _fail(ctx: RankContext, exc: BaseException) -> None:
+    """Tell the other ranks, clean up, print one line and leave at once: unwinding normally
+    with a broken process group ends in C++ `terminate` noise instead of the message."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, PeerLost):
+        message, code = str(exc), ABORT_EXIT
+    elif isinstance(exc, TLQError):
+        message, code = str(exc), 2
+    elif isinstance(exc, KeyboardInterrupt):
+        message, code = "interrupted", 130
+    elif isinstance(exc, dist.DistError) or "gloo" in str(exc) or "NCCL" in str(exc):
+        message, code = f"a transfer with another rank failed ({first_line}); that rank probably died or hung", 1
+    else:
+        traceback.print_exc()
+        message, code = f"{type(exc).__name__}: {first_line}", 1
+    ctx.watchdog.post_failure(message)
+    ctx.watchdog.abort(message, code, resumable=code != 2)
+
+
+def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | None:
+    t0 = time.time()
+    source = open_source_model(cfg.model)
+    check_output_dir(cfg.out, cfg.overwrite)
+    check_group_size(source, cfg.scheme)
+    torch.manual_seed(cfg.seed)
+    tmp = temp_folder(cfg.out, _run_id(ctx))
+    ctx.watchdog.add_cleanup((lambda: shutil.rmtree(tmp, ignore_errors=True)) if ctx.is_first
+                             else (lambda: remove_own_shards(tmp, ctx.rank)))
+    record = LoadRecord()
+    model = build_skeleton(source)  # meta device: costs no memory
+    stages = plan_stages(tensor_bytes(model), source.adapter, ctx.world)
+    stage = stages[ctx.rank]
+    if ctx.is_first:
+        log.info("%d ranks, decoder layers per rank: %s", ctx.world,
+                 ", ".join(f"{s.start}-{s.stop - 1}" for s in stages))
+    mine = share(model, source, stages, ctx.rank)
+    samples = weights = modalities = None
+    stats: list[dict] = []
+    if cfg.method.needs_data:
+        samples = load_samples(cfg) if ctx.is_first else None  # every line is checked before model work
+        ctx.watchdog.phase = "loading this rank's weights"
+        materialize(model, source, mine, record)
+        captured = _capture(model, source, samples, progress) if ctx.is_first else None
+        captured = share_samples(ctx, captured)
+        key = {**cfg.run_key(), "rank": ctx.rank, "world": ctx.world, "layers": [stage.start, stage.stop]}
+        work = WorkFolder(rank_work_dir(cfg, ctx.rank, ctx.world), key)
+        done = max(work.open(cfg.resume), stage.start)
+        if done > stage.start:
+            log.info("rank %d resumes from %s: %d layer(s) done", ctx.rank, work.path, done - stage.start)
+        weights, entry = _token_weights(ctx, model, source.adapter, stage, captured, cfg, work, progress)
+        entry, targets = fp_prefetch(ctx, model, source.adapter, stage, captured, entry, cfg.device,
+                                     ctx.settings.fp_prefetch_mb, done)
+        loop = run_stage(ctx, model, source.adapter, captured, weights, cfg, work, done, stage, entry, targets,
+                         progress, keep=packer(source.dtype))
+        quantized, overrides, stats = loop.quantized, loop.float_overrides, loop.layer_stats
+        modalities = [s.modality for s in captured]
+        del loop, captured, entry, targets
+    else:
+        quantized, overrides = packer(source.dtype)(_rtn_share(source, mine, cfg, record)), {}
+    del model
+    gc.collect()
+    ctx.watchdog.phase = "writing this rank's shard"
+    tensors, layers = rank_tensors(source, set(mine.values()), quantized, overrides, record)
+    del quantized, overrides
+    files = write_shards(tmp, ctx.rank, tensors)
+    del tensors
+    summary = {"rank": ctx.rank, "layers": [stage.start, stage.stop - 1], "stats": stats, "files": files,
+               "quantized_layers": layers, "loaded_tensors": len(record.names),
+               "loaded_mb": round(record.nbytes / 2**20, 1), "peak_rss_mb": _peak_rss_mb(),
+               "seconds": round(time.time() - t0, 2),
+               "weights": weights if cfg.method.needs_gradients else None}
+    summaries = collect(ctx, summary)
+    path = None
+    if ctx.is_first:
+        ctx.watchdog.phase = "assembling the checkpoint"
+        path = _assemble(ctx, cfg, source, tmp, summaries, samples, weights, modalities, t0)
+        ctx.post("final")
+    else:
+        ctx.wait_for(["final"], "waiting for rank 0 to assemble the checkpoint")
+    if cfg.method.needs_data:
+        shutil.rmtree(rank_work_dir(cfg, ctx.rank, ctx.world), ignore_errors=True)
+    _write_record(ctx, stage, record)
+    return path
+
+
+def _run_id(ctx: RankContext) -> str:
+    if ctx.is_first:
+        ctx.post("run_id", uuid.uuid4().hex[:12])
+    ctx.wait_for(["run_id"], "start-up")
+    return ctx.store.get("run_id").decode()
+
+
+def _capture(model, source, samples, progress: bool):
+    from tlq.data.processing import encode_sample
+    processor = source.load_processor()
+    encoded = [(s.id, encode_sample(processor, s)) for s in samples]
+    return capture_inputs(model, source.adapter, encoded, progress=progress)
+
+
+def _token_weights(ctx: RankContext, model, adapter, stage: range, captured, cfg: CalibConfig,
+                   work: WorkFolder, progress: bool):
+    """This rank's token weights (all layers' keys for uniform ones) and, when the gradient pass
+    ran, the FP stream at the stage's entry (else None)."""
+    if not cfg.method.needs_gradients:
+        return uniform_weights(captured, len(adapter.layers(model))), None
+    raw, entry = work.load_object("importance.pt"), None
+    if not all_agree(ctx, "have_importance", raw is not None):  # the pipeline needs every rank
+        raw, entry = pipeline_gradients(ctx, model, adapter, stage, captured, cfg.device,
+                                        progress=progress and ctx.is_first)
+        work.save_object("importance.pt", raw)
+    gather = mbq_gather(ctx) if cfg.importance.mode == "modality" else None
+    return integrate(raw, [s.modality for s in captured], cfg.importance, gather=gather), entry
+
+
+def _rtn_share(source, mine: dict[str, str], cfg: CalibConfig, record: LoadRecord) -> dict:
+    """RTN needs no data: quantize this rank's linears straight from the safetensors files."""
+    owned = set(mine.values())
+    names = [n for n in decoder_linear_names(source) if f"{n}.weight" in owned]
+    weights = read_tensors(source, {f"{n}.weight" for n in names}, record)
+    s = cfg.scheme
+    return {n: quantize_rtn(weights.pop(f"{n}.weight").float(), s.bits, s.group_size, s.symmetric, source.dtype)
+            for n in names}
+
+
+def _assemble(ctx: RankContext, cfg: CalibConfig, source, tmp: Path, summaries: list[dict], samples, weights,
+              modalities, t0: float) -> Path:
+    if samples is None:
+        calibration = {"method": "rtn", "scheme": cfg.scheme.name, "seed": cfg.seed, "samples": []}
+    else:
+        if cfg.method.needs_gradients:
+            weights = merge_weights([s["weights"] for s in summaries], ctx.world)
+        calibration = calibration_record(cfg, samples, weights, modalities)
+    layers = {}
+    for s in summaries:
+        layers.update(s["quantized_layers"])
+    report = {"layers": [row for s in summaries for row in s["stats"]], "total_seconds": round(time.time() - t0, 2),
+              "method": cfg.method.name, "scheme": cfg.scheme.name,
+              "ranks": [{k: s[k] for k in ("rank", "layers", "loaded_tensors", "loaded_mb", "peak_rss_mb", "seconds")}
+                        for s in summaries]}
+    return finalize(tmp, cfg.out, source, [s["files"] for s in summaries], layers, cfg.method.name, cfg.scheme,
+                    cfg.act_order, calibration, report, cfg.overwrite)
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _write_record(ctx: RankContext, stage: range, record: LoadRecord) -> None:
+    """TLQ_DIST_RECORD: what this rank read and its peak memory (tests, benchmarks/multirank.py)."""
+    folder = ctx.settings.record_dir
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"rank": ctx.rank, "world": ctx.world, "layers": [stage.start, stage.stop - 1],
+            "loaded": sorted(record.names), "loaded_bytes": record.nbytes, "peak_rss_mb": _peak_rss_mb()}
+    (folder / f"rank{ctx.rank}.json").write_text(json.dumps(data, indent=1))

@@ -1,0 +1,135 @@
+"""Per-rank shards, assembled into one checkpoint folder by rank 0 (docs/format.md layout).
+
+Every rank writes its own tensors (its layers' packed linears and float tensors, rank 0 the
+vision side, the last rank the head) as hidden `.rank<r>-<j>.safetensors` files into one shared
+temporary folder next to the output (ranks must share that file system), hashing them itself.
+Rank 0 then numbers all shards `model-<k>-of-<K>.safetensors` in rank order (a rename: hashes
+stay valid), writes the index, config, report and, last, the manifest, and renames the folder
+into place. Until that rename nothing exists at the output path; a crash leaves only the hidden
+temporary folder, which has no manifest and which rank 0 removes when it stops on an error.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tlq import __version__
+from tlq.calib.assemble import quantization_config
+from tlq.dist.stage_model import LoadRecord, read_tensors
+from tlq.format.checkpoint import (FORMAT_VERSION, MANIFEST, REPORT, _REPLACED, _WEIGHT_FILES, _shards,
+                                   _swap_into_place, check_output_dir, pack_linear, sha256_file,
+                                   write_json_atomic)
+from tlq.model_io import SourceModel
+from tlq.quant.qparams import QuantizedWeight
+
+INDEX = "model.safetensors.index.json"
+
+
+def temp_folder(out: Path, run_id: str) -> Path:
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.tmp-{run_id}"
+
+
+@dataclass
+class PackedLinear:
+    """One quantized linear as stored (suffix -> tensor) and its manifest entry."""
+
+    tensors: dict[str, torch.Tensor]
+    info: dict
+
+
+def packer(scale_dtype: torch.dtype):
+    """`run_layer_loop(keep=)`: pack each layer as soon as it is calibrated, so a stage holds
+    int4 codes (0.5 byte per weight) instead of int32 ones (4 bytes) until it writes its shard."""
+    def pack(quantized: dict[str, QuantizedWeight]) -> dict[str, PackedLinear]:
+        return {name: PackedLinear(pack_linear(qw, scale_dtype),
+                                   {"shape": list(qw.shape), "bits": qw.bits, "group_size": qw.group_size,
+                                    "sym": qw.zeros is None, "act_order": qw.g_idx is not None})
+                for name, qw in quantized.items()}
+    return pack
+
+
+def rank_tensors(source: SourceModel, disk_names: set[str], packed: dict[str, PackedLinear],
+                 float_overrides: dict[str, torch.Tensor], record: LoadRecord) -> tuple[dict, dict]:
+    """This rank's stored tensors (float ones read again from disk, linears packed) and the
+    manifest entries of its quantized layers; the same assembly as calib/assemble.py, on a share."""
+    packed = {source.to_disk_name(m): p for m, p in packed.items()}
+    tensors = read_tensors(source, disk_names - {f"{n}.weight" for n in packed}, record)
+    for name, value in float_overrides.items():
+        disk = source.to_disk_name(name)
+        tensors[disk] = value.to(tensors[disk].dtype)
+    for name, p in packed.items():
+        tensors.update({f"{name}.{suffix}": t for suffix, t in p.tensors.items()})
+    return tensors, {name: p.info for name, p in packed.items()}
+
+
+def write_shards(tmp: Path, rank: int, tensors: dict[str, torch.Tensor]) -> list[dict]:
+    """Write this rank's shard files; returns [{file, sha256, tensors}] for rank 0."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    files = []
+    for j, shard in enumerate(_shards(tensors)):
+        name = f".rank{rank:05d}-{j:05d}.safetensors"
+        save_file(shard, tmp / name, metadata={"format": "pt"})
+        files.append({"file": name, "sha256": sha256_file(tmp / name), "tensors": sorted(shard)})
+    return files
+
+
+def remove_own_shards(tmp: Path, rank: int) -> None:
+    for f in tmp.glob(f".rank{rank:05d}-*.safetensors"):
+        f.unlink(missing_ok=True)
+
+
+def finalize(tmp: Path, out: Path, source: SourceModel, shards: list[list[dict]], layers: dict, method: str,
+             scheme, act_order: bool, calibration: dict, report: dict, overwrite: bool) -> Path:
+    """Rank 0: number the shards, write index, config, report, manifest; rename into place."""
+    out = Path(out).resolve()
+    every = [f for rank_files in shards for f in rank_files]
+    files, weight_map = {}, {}
+    for k, f in enumerate(every, 1):
+        name = f"model-{k:05d}-of-{len(every):05d}.safetensors"
+        os.replace(tmp / f["file"], tmp / name)
+        files[name] = f["sha256"]
+        weight_map.update({t: name for t in f["tensors"]})
+    write_json_atomic(tmp / INDEX, {"metadata": {}, "weight_map": weight_map})
+    files[INDEX] = sha256_file(tmp / INDEX)
+    for item in sorted(source.path.iterdir()):
+        if item.is_file() and item.name not in _REPLACED and not item.name.endswith(_WEIGHT_FILES):
+            shutil.copy2(item, tmp / item.name)
+    config = copy.deepcopy(source.config)
+    config["quantization_config"] = quantization_config(scheme, method, act_order, source.adapter.ignore)
+    write_json_atomic(tmp / "config.json", config)
+    files["config.json"] = sha256_file(tmp / "config.json")
+    write_json_atomic(tmp / REPORT, report)
+    manifest = {
+        "format_version": FORMAT_VERSION, "tool": "tlq", "tool_version": __version__,
+        "files": files, "quantized_layers": layers, "calibration": calibration,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    write_json_atomic(tmp / MANIFEST, manifest)  # last: a folder without it is not a checkpoint
+    check_output_dir(out, overwrite)
+    _swap_into_place(tmp, out)
+    return out
+
+
+def tensor_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every tensor (dtype, shape, bytes) of a checkpoint, whatever its sharding: a
+    multi-rank checkpoint is identical to the single-process one when these are equal."""
+    import hashlib
+
+    from safetensors import safe_open
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                t = st.get_tensor(key).contiguous()
+                h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                out[key] = h.hexdigest()
+    return out
