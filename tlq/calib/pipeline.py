@@ -58,7 +58,7 @@ def calibration_record(cfg: CalibConfig, samples, weights: list[dict], modalitie
     """The manifest's provenance section (also written by the multi-rank path, tlq/dist)."""
     return {
         "method": cfg.method.name, "scheme": cfg.scheme.name, "seed": cfg.seed,
-        "source_model": str(source.path.resolve()),
+        "source_model": str(Path(cfg.model).resolve()),
         "calibration_file": str(cfg.calib) if cfg.calib else "bundled",
         "samples": [{"id": s.id, "sha256": s.sha256} for s in samples],
         "token_stats": weight_statistics(weights, modalities),
