@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tlq-bench")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--passes", type=int, default=1, help="measure all configurations this many times")
+    ap.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -135,7 +136,7 @@ def main() -> None:
     print(f"building models under {args.work} ...", flush=True)
     paths = build(args.work)
     results = {}
-    configs = configurations(paths, amx)
+    configs = [c for c in configurations(paths, amx) if not args.only or c["name"] in args.only.split(",")]
     for p in range(args.passes):
         for cfg in configs if p % 2 == 0 else configs[::-1]:
             t0 = time.time()

@@ -23,16 +23,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.fixtures import train as training  # noqa: E402
-from benchmarks.quality_lib import grid, report  # noqa: E402
-from benchmarks.quality_lib.evaluate import build_eval_set, load_for_eval, run_eval, summarize  # noqa: E402
-from benchmarks.quality_lib.runner import RunLog, RunOptions, run_cell  # noqa: E402
+from benchmarks.fixtures import train as training
+from benchmarks.quality_lib import grid, report
+from benchmarks.quality_lib.evaluate import build_eval_set, load_for_eval, run_eval, summarize
+from benchmarks.quality_lib.runner import RunLog, RunOptions, options_key, run_cell
 
-ALL_METHODS = ["rtn", "gptq", "awq", "smoothquant", "mbq", "tlq", *grid.ABLATIONS]
-QUICK = dict(seeds=[0], settings=["w3a16", "w4a8"], test_limit=84, methods=["rtn", "gptq", "awq", "smoothquant",
-                                                                             "mbq", "tlq"])
+ALL_METHODS = ["rtn", "gptq", "awq", "smoothquant", "mbq", "tlq"]
+QUICK = {"seeds": [0], "settings": ["w3a16", "w4a8"], "test_limit": 84, "ablation_settings": []}
 
 
 def parse_args(argv):
@@ -43,7 +42,10 @@ def parse_args(argv):
     p.add_argument("--settings", nargs="*", default=None, choices=list(grid.SETTINGS),
                    help="settings to run (none: only the FP and sensitivity evaluation)")
     p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS)
+    p.add_argument("--ablation-settings", nargs="*", default=None, choices=list(grid.SETTINGS),
+                   help="settings that also get the TLQ ablation rows (default: the paper pair w3a16 w4a8)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="calibration seeds (default 0 1 2)")
+    p.add_argument("--jobs", type=int, default=1, help="models evaluated in parallel processes (1 thread each)")
     p.add_argument("--calib-samples", type=int, default=32, help="samples drawn from the pool per seed")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test questions")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the RTN g64 fixture check")
@@ -54,6 +56,9 @@ def parse_args(argv):
     args.settings = preset.get("settings", list(grid.SETTINGS)) if args.settings is None else args.settings
     args.methods = args.methods or preset.get("methods", ALL_METHODS)
     args.test_limit = args.test_limit or preset.get("test_limit")
+    if args.ablation_settings is None:
+        args.ablation_settings = preset.get("ablation_settings", ["w3a16", "w4a8"])
+    args.ablation_settings = [s for s in args.ablation_settings if s in args.settings]
     args.mode = "quick" if args.quick else "full"
     return args
 
@@ -71,7 +76,7 @@ def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
     fp_summary = summarize(fp_results)
     _say(f"{arch}: FP accuracy {fp_summary['all']['accuracy']:.1f} on {len(evalset.items)} questions")
     del fp_model
-    work = args.out / "work"
+    work = args.out / "work" / arch
     work.mkdir(parents=True, exist_ok=True)
     sens = {}
     if not args.no_sensitivity:
@@ -82,7 +87,8 @@ def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
                  f"KL {rec['summary']['all']['kl']:.2e}")
     for setting_name in args.settings:
         setting = grid.SETTINGS[setting_name]
-        for method in grid.methods_for(setting, args.methods):
+        extra = list(grid.ABLATIONS) if setting_name in args.ablation_settings else []
+        for method in grid.methods_for(setting, args.methods) + extra:
             for seed in grid.seeds_for(method, list(opts.seeds)):
                 rec = run_cell(arch, model_dir, setting, method, seed, opts, data / "calib.jsonl", work, evalset,
                                reference, log)
@@ -92,31 +98,46 @@ def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
     return fp_summary, sens, len(evalset.items), evalset
 
 
+def run_model(arch: str, args) -> dict:
+    """Everything for one model (a worker process with --jobs > 1); returns what the report needs."""
+    torch.set_num_threads(1)
+    opts = RunOptions(calib_samples=args.calib_samples, test_limit=args.test_limit, seeds=tuple(args.seeds))
+    data = training.ensure_data(training.default_config(arch).task, args.cache)
+    log = RunLog(args.out / f"results-{arch}.jsonl")
+    fp, sens, n, evalset = evaluate_model(arch, args, data, opts, log)
+    wanted = {(arch, grid.SETTINGS[s].label, m, seed) for s in args.settings
+              for m in grid.methods_for(grid.SETTINGS[s], args.methods) for seed in grid.seeds_for(m, args.seeds)}
+    wanted |= {(arch, grid.SETTINGS[s].label, m, seed) for s in args.ablation_settings
+               for m in grid.ABLATIONS for seed in args.seeds}
+    records = [r for r in log.records if (r["model"], r["setting"], r["method"], r["seed"]) in wanted
+               and r["options"] == options_key(opts)]
+    return {"arch": arch, "fp": fp, "sens": sens, "records": records, "pool": data / "calib.jsonl",
+            "sizes": {"test_size": n, "test_image": sum(it.needs_image for it in evalset.items),
+                      "test_text": sum(not it.needs_image for it in evalset.items)}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     t0 = time.time()
-    opts = RunOptions(calib_samples=args.calib_samples, test_limit=args.test_limit, seeds=tuple(args.seeds))
-    data = training.ensure_data(training.default_config(args.models[0]).task, args.cache)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(args.out / "results.jsonl")
-    fp, sens, sizes = {}, {}, {}
-    for arch in args.models:
-        fp[arch], sens[arch], n, evalset = evaluate_model(arch, args, data, opts, log)
-        sizes = {"test_size": n, "test_image": sum(it.needs_image for it in evalset.items),
-                 "test_text": sum(not it.needs_image for it in evalset.items)}
-    keys = {(a, grid.SETTINGS[s].label, m, seed) for a in args.models for s in args.settings
-            for m in grid.methods_for(grid.SETTINGS[s], args.methods) for seed in grid.seeds_for(m, args.seeds)}
-    records = [r for r in log.records if (r["model"], r["setting"], r["method"], r["seed"]) in keys
-               and r["options"] == f"calib{opts.calib_samples}-test{opts.test_limit or 'all'}"]
-    table = report.aggregate(records, fp)
-    meta = {"mode": args.mode, "calib_samples": opts.calib_samples, "seeds": list(opts.seeds),
-            "pool_size": sum(1 for ln in (data / "calib.jsonl").read_text().splitlines() if ln.strip()),
-            "settings": args.settings, "methods": args.methods, "minutes": round((time.time() - t0) / 60, 1),
-            "torch_threads": torch.get_num_threads(), **sizes}
-    paths = report.write_reports(args.out, table, report.sensitivity_rows(sens, fp) if any(sens.values()) else [],
-                                 report.verdicts(table), meta)
+    if args.jobs > 1 and len(args.models) > 1:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(args.models))) as pool:
+            outputs = pool.starmap(run_model, [(arch, args) for arch in args.models])
+    else:
+        outputs = [run_model(arch, args) for arch in args.models]
+    fp = {o["arch"]: o["fp"] for o in outputs}
+    sens = {o["arch"]: o["sens"] for o in outputs if o["sens"]}
+    table = report.aggregate([r for o in outputs for r in o["records"]], fp)
+    pool_file = outputs[0]["pool"]
+    meta = {"mode": args.mode, "calib_samples": args.calib_samples, "seeds": list(args.seeds),
+            "pool_size": sum(1 for ln in pool_file.read_text().splitlines() if ln.strip()),
+            "settings": args.settings, "methods": args.methods, "ablation_settings": args.ablation_settings,
+            "minutes": round((time.time() - t0) / 60, 1), "jobs": args.jobs, "torch_threads": 1,
+            **outputs[0]["sizes"]}
+    paths = report.write_reports(args.out, table, report.sensitivity_rows(sens, fp), report.verdicts(table), meta)
     _say(f"done in {meta['minutes']} min: " + ", ".join(str(p) for p in paths.values()))
     return {"table": table, "paths": paths}
 

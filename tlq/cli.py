@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "tlq.commands.fixture",
     "tlq.commands.calibrate",
     "tlq.commands.checkpoint",
+    "tlq.commands.export",
     "tlq.commands.serve",
 ]
 

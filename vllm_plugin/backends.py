@@ -66,7 +66,8 @@ class Served:
 class TLQCPUWNA16Kernel(CPUWNA16LinearKernel):
     """vLLM's CPUWNA16 with the int4 x int8 shortcut decided by TLQ, not by VLLM_CPU_INT4_W4A8.
 
-    Takes GPTQ-layout tensors: qweight [K/8, N], scales [groups, N], zeros [groups, N/8].
+    Takes qweight [K/8, N] and scales [groups, N] (GPTQ layout), zero points [N/8, groups]
+    (compressed-tensors layout, transposed here as vLLM's own process step does).
     """
 
     fast = False
@@ -74,6 +75,10 @@ class TLQCPUWNA16Kernel(CPUWNA16LinearKernel):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if not self.config.zero_points and self.w_zp_name is not None:
             setattr(layer, self.w_zp_name, None)
+        elif self.config.zero_points:
+            zp = getattr(layer, self.w_zp_name)
+            if zp.output_dim == 0:
+                zp.data = zp.data.t().contiguous()
         layer.use_w4a8 = bool(self.fast and self.config.act_type == torch.bfloat16
                               and torch.cpu._is_amx_tile_supported())
         if layer.use_w4a8:
@@ -188,11 +193,10 @@ class MixedPrecisionBackend:
             packed_factor=32 // kbits, weight_loader=_no_loader))
         _replace(layer, "scales", GroupQuantScaleParameter(
             data=scales.to(layer.params_dtype).contiguous(), input_dim=0, output_dim=1, weight_loader=_no_loader))
-        if zeros is not None:
-            packed = pack_gptq(zeros, kbits, dim=1)  # [groups, N/pf], GPTQ qzeros layout
-            if not issubclass(kernel_cls, CPUWNA16LinearKernel):
-                packed = packed.t().contiguous()  # compressed-tensors layout [N/pf, groups] (Marlin)
-            _replace(layer, "qzeros", torch.nn.Parameter(packed, requires_grad=False))
+        if zeros is not None:  # compressed-tensors layout [N/pf, groups], the one every vLLM kernel reads
+            _replace(layer, "qzeros", PackedvLLMParameter(
+                data=pack_gptq(zeros, kbits, dim=1).t().contiguous(), input_dim=1, output_dim=0, packed_dim=0,
+                packed_factor=32 // kbits, weight_loader=_no_loader))
         else:
             _drop(layer, "qzeros")
         self.kernel = kernel_cls(config, w_q_param_name="qweight", w_s_param_name="scales",

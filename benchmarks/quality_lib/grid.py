@@ -49,7 +49,7 @@ ABLATIONS: dict[str, MethodSpec] = {
     "tlq-fp-exposure": replace(METHODS["tlq"], name="tlq-fp-exposure", exposure="fp",
                                summary="TLQ without quantization exposure (FP inputs)"),
 }
-LABELS = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant", "mbq": "MBQ",
+LABELS = {"fp": "FP (float)", "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant", "mbq": "MBQ",
           "tlq": "TLQ (ours)", "tlq-uniform": "  - uniform token weights", "tlq-modality": "  - modality weights only",
           "tlq-fp-exposure": "  - no quantization exposure"}
 

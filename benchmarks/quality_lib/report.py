@@ -95,13 +95,13 @@ def _pm(pair, digits=1, scale=1.0) -> str:
 
 
 def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict) -> str:
-    lines = [f"# TLQ quality benchmark ({meta.get('mode', 'full')} run)", "",
-             f"Calibration: {meta['calib_samples']} samples drawn per seed from a pool of {meta['pool_size']}; "
+    intro = (f"Calibration: {meta['calib_samples']} samples drawn per seed from a pool of {meta['pool_size']}; "
              f"seeds {meta['seeds']}; test questions: {meta['test_size']} "
              f"({meta['test_image']} need the image, {meta['test_text']} text only). "
              "Accuracy = greedy exact match (%); Avg = macro average over question types; "
              "Rec. = Avg / FP Avg; KL = mean KL(FP || quantized) per answer token (teacher-forced), x1e-3. "
-             "mean ± std over seeds (RTN uses no data: one run).", ""]
+             "mean ± std over seeds (RTN uses no data: one run).")
+    lines = [f"# TLQ quality benchmark ({meta.get('mode', 'full')} run)", "", intro, ""]
     if sens:
         lines += ["## Fixture sensitivity (RTN, group size 64)", "",
                   "| model | FP acc | W4 g64 drop | W3 g64 drop | W2 g64 drop | KL W4 / W3 / W2 (x1e-3) | targets (<=1 / >=3 / >=10) |",

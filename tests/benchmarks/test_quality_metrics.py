@@ -8,9 +8,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root holds `benchmarks`
 
-from benchmarks.fixtures import tasks  # noqa: E402
-from benchmarks.quality_lib import evaluate, grid, report  # noqa: E402
-from benchmarks.quality_lib.runner import RunLog, RunOptions, run_cell  # noqa: E402
+from benchmarks.fixtures import tasks
+from benchmarks.quality_lib import evaluate, grid, report
+from benchmarks.quality_lib.runner import RunLog, RunOptions, run_cell
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root holds `benchmarks`
 
-from benchmarks.fixtures import tasks  # noqa: E402
-from benchmarks.quality_lib.encoding import collate, encode_conversation, homogeneous_batches  # noqa: E402
-from tlq.data.calib import load_calibration  # noqa: E402
-from tlq.data.processing import encode_sample  # noqa: E402
+from benchmarks.fixtures import tasks
+from benchmarks.quality_lib.encoding import collate, encode_conversation, homogeneous_batches
+from tlq.data.calib import load_calibration
+from tlq.data.processing import encode_sample
 
 
 def _png(img):

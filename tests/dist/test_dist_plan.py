@@ -24,15 +24,15 @@ def test_split_layers_is_contiguous_and_balances_bytes():
     assert all(len(s) >= 1 for s in stages)
     # rank 0 carries the vision tower: it gets fewer layers; the largest rank is as small as possible
     assert len(stages[0]) < len(stages[1])
-    best = min(max(_stage_costs([range(0, a), range(a, b), range(b, 8)], [10] * 8, 25, 5))
+    best = min(max(_stage_costs([range(a), range(a, b), range(b, 8)], [10] * 8, 25, 5))
                for a in range(1, 7) for b in range(a + 1, 8))
     assert max(_stage_costs(stages, [10] * 8, 25, 5)) == best
 
 
 def test_split_layers_even_when_extras_are_small():
-    assert split_layers([7] * 8, 1, 1, 2) == [range(0, 4), range(4, 8)]
-    assert split_layers([7] * 2, 1, 1, 2) == [range(0, 1), range(1, 2)]
-    assert split_layers([7] * 3, 0, 0, 1) == [range(0, 3)]
+    assert split_layers([7] * 8, 1, 1, 2) == [range(4), range(4, 8)]
+    assert split_layers([7] * 2, 1, 1, 2) == [range(1), range(1, 2)]
+    assert split_layers([7] * 3, 0, 0, 1) == [range(3)]
 
 
 def test_more_ranks_than_layers_is_a_clear_error():
@@ -42,7 +42,7 @@ def test_more_ranks_than_layers_is_a_clear_error():
 
 def test_owner_of_tensors():
     adapter = adapter_by_name("qwen2-vl")
-    stages = [range(0, 2), range(2, 3), range(3, 5)]
+    stages = [range(2), range(2, 3), range(3, 5)]
     assert owner("model.language_model.layers.1.mlp.up_proj.weight", adapter, stages) == 0
     assert owner("model.language_model.layers.2.input_layernorm.weight", adapter, stages) == 1
     assert owner("model.language_model.layers.4.self_attn.q_proj.bias", adapter, stages) == 2

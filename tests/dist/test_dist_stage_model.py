@@ -37,7 +37,7 @@ def test_rank0_share_captures_exactly_like_the_full_model(tiny_model_dir):
     """Same capture (hidden states, rotary embeddings) as from_pretrained, bit for bit, while
     the rank's model holds no decoder layer but its own and no lm_head."""
     source = open_source_model(tiny_model_dir)
-    model, stages, record = _stage_model(source, 2, 0)
+    model, _, _ = _stage_model(source, 2, 0)
     full = source.load_hf_model()
     processor = source.load_processor()
     samples = load_calibration(bundled_calibration_path(), max_samples=2)
@@ -60,7 +60,7 @@ def test_rank0_share_captures_exactly_like_the_full_model(tiny_model_dir):
 
 def test_last_rank_reads_only_its_layers_and_the_head(qwen2_vl_dir):
     source = open_source_model(qwen2_vl_dir)
-    model, stages, record = _stage_model(source, 2, 1)
+    model, _, record = _stage_model(source, 2, 1)
     assert record.names and all(".layers.1." in n or n in ("lm_head.weight", "model.norm.weight")
                                 for n in record.names)
     assert record.nbytes == sum(p.numel() * p.element_size() for p in model.state_dict().values() if not p.is_meta)

@@ -106,7 +106,7 @@ class CalibConfig:
         max_samples: use at most this many samples (None = all).
         seed: seeds sampling and every random choice; same seed, same checkpoint.
         device: where the layer being calibrated runs (cpu or cuda); the rest stays on CPU.
-        act_order: GPTQ act-order (writes g_idx; the CPU kernels then use the torch fallback).
+        act_order: GPTQ act-order (writes g_idx; the plugin reorders inputs so kernels still apply).
         damp: GPTQ damping, as a fraction of the Hessian's mean diagonal.
         exposure_strength: blend of the FP-target correction (corrected exposure), 0..1.
         smoothquant_alpha: migration strength for smoothquant scaling.

@@ -194,8 +194,8 @@ def _gib(n: int | None) -> str:
 def format_estimate(est: MemoryEstimate) -> str:
     tokens = (f"{est.samples} samples, {est.tokens} tokens (longest {est.longest})" if est.tokens_exact else
               f"{est.samples} samples x {est.longest} tokens ASSUMED (no processor in the model folder)")
-    lines = [f"peak memory estimate (GiB): {est.model} ({est.arch}, {est.dtype}), {est.method} {est.scheme}, "
-             f"device {est.device}, {len(est.ranks)} rank(s)",
+    lines = [(f"peak memory estimate (GiB): {est.model} ({est.arch}, {est.dtype}), {est.method} {est.scheme}, "
+              f"device {est.device}, {len(est.ranks)} rank(s)"),
              f"calibration: {tokens}" if est.samples else "calibration: none (RTN)"]
     cols = ("rank", "layers", "weights", "extras", "streams", "layer work", "results", "gradients",
             "host peak", "device peak")
@@ -203,7 +203,7 @@ def format_estimate(est: MemoryEstimate) -> str:
              _gib(r.layer_work), _gib(r.results), _gib(r.gradients), _gib(r.host_peak), _gib(r.device_peak)]
             for r in est.ranks]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     lines += [fmt(cols)] + [fmt(row) for row in rows]
     lines.append("extras: rank 0 vision tower + projector + embeddings, last rank final norm + lm_head; "
                  "device peak only for --device cuda (one layer at a time is on the GPU)")

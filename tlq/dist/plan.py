@@ -6,10 +6,11 @@ from tlq.errors import TLQError
 
 
 def split_layers(layer_bytes: list[int], first_extra: int, last_extra: int, world: int) -> list[range]:
-    """Contiguous stages, at least one layer each, that minimise the largest rank's weight bytes.
+    """Contiguous stages, at least one layer each: the largest rank's weight bytes as small as
+    possible, then the ranks as even as possible (least sum of squares under that maximum).
 
     Rank 0 also holds `first_extra` (vision tower, projector, embeddings), the last rank
-    `last_extra` (final norm, lm_head); an exact dynamic programme over split points (L x N is tiny).
+    `last_extra` (final norm, lm_head). Two exact dynamic programmes over split points (L x N is tiny).
     """
     n = len(layer_bytes)
     if not 1 <= world <= n:
@@ -22,17 +23,21 @@ def split_layers(layer_bytes: list[int], first_extra: int, last_extra: int, worl
         extra = (first_extra if stage == 0 else 0) + (last_extra if stage == world - 1 else 0)
         return prefix[j] - prefix[i] + extra
 
-    inf = float("inf")
-    # best[k][j]: smallest max-cost of splitting layers [0, j) into k stages; cut[k][j]: where stage k-1 starts
-    best = [[inf] * (n + 1) for _ in range(world + 1)]
-    cut = [[0] * (n + 1) for _ in range(world + 1)]
-    best[0][0] = 0
-    for k in range(1, world + 1):
-        for j in range(k, n - (world - k) + 1):
-            for i in range(k - 1, j):
-                value = max(best[k - 1][i], cost(k - 1, i, j))
-                if value < best[k][j]:
-                    best[k][j], cut[k][j] = value, i
+    def solve(combine, allowed) -> tuple[float, list[list[int]]]:
+        # best[k][j]: best value splitting layers [0, j) into k stages; cut[k][j]: where stage k-1 starts
+        best = [[float("inf")] * (n + 1) for _ in range(world + 1)]
+        cut = [[0] * (n + 1) for _ in range(world + 1)]
+        best[0][0] = 0
+        for k in range(1, world + 1):
+            for j in range(k, n - (world - k) + 1):
+                for i in range(k - 1, j):
+                    c = cost(k - 1, i, j)
+                    if allowed(c) and combine(best[k - 1][i], c) < best[k][j]:
+                        best[k][j], cut[k][j] = combine(best[k - 1][i], c), i
+        return best[world][n], cut
+
+    largest, _ = solve(max, lambda c: True)
+    _, cut = solve(lambda acc, c: acc + c * c, lambda c: c <= largest)
     ranges, j = [], n
     for k in range(world, 0, -1):
         ranges.append(range(cut[k][j], j))

@@ -89,28 +89,12 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
                  ", ".join(f"{s.start}-{s.stop - 1}" for s in stages))
     mine = share(model, source, stages, ctx.rank)
     samples = weights = modalities = None
-    stats: list[dict] = []
     if cfg.method.needs_data:
         samples = load_samples(cfg) if ctx.is_first else None  # every line is checked before model work
-        ctx.watchdog.phase = "loading this rank's weights"
-        materialize(model, source, mine, record)
-        captured = _capture(model, source, samples, progress) if ctx.is_first else None
-        captured = share_samples(ctx, captured)
-        key = {**cfg.run_key(), "rank": ctx.rank, "world": ctx.world, "layers": [stage.start, stage.stop]}
-        work = WorkFolder(rank_work_dir(cfg, ctx.rank, ctx.world), key)
-        done = max(work.open(cfg.resume), stage.start)
-        if done > stage.start:
-            log.info("rank %d resumes from %s: %d layer(s) done", ctx.rank, work.path, done - stage.start)
-        weights, entry = _token_weights(ctx, model, source.adapter, stage, captured, cfg, work, progress)
-        entry, targets = fp_prefetch(ctx, model, source.adapter, stage, captured, entry, cfg.device,
-                                     ctx.settings.fp_prefetch_mb, done)
-        loop = run_stage(ctx, model, source.adapter, captured, weights, cfg, work, done, stage, entry, targets,
-                         progress, keep=packer(source.dtype))
-        quantized, overrides, stats = loop.quantized, loop.float_overrides, loop.layer_stats
-        modalities = [s.modality for s in captured]
-        del loop, captured, entry, targets
+        quantized, overrides, stats, weights, modalities = _calibrate_stage(ctx, cfg, source, model, mine, stage,
+                                                                            samples, record, progress)
     else:
-        quantized, overrides = packer(source.dtype)(_rtn_share(source, mine, cfg, record)), {}
+        quantized, overrides, stats = packer(source.dtype)(_rtn_share(source, mine, cfg, record)), {}, []
     del model
     gc.collect()
     ctx.watchdog.phase = "writing this rank's shard"
@@ -135,6 +119,25 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
         shutil.rmtree(rank_work_dir(cfg, ctx.rank, ctx.world), ignore_errors=True)
     _write_record(ctx, stage, record)
     return path
+
+
+def _calibrate_stage(ctx: RankContext, cfg: CalibConfig, source, model, mine: dict, stage: range, samples,
+                     record: LoadRecord, progress: bool):
+    """Load this rank's tensors, capture (rank 0), token weights, FP targets ahead, layer loop."""
+    ctx.watchdog.phase = "loading this rank's weights"
+    materialize(model, source, mine, record)
+    captured = share_samples(ctx, _capture(model, source, samples, progress) if ctx.is_first else None)
+    key = {**cfg.run_key(), "rank": ctx.rank, "world": ctx.world, "layers": [stage.start, stage.stop]}
+    work = WorkFolder(rank_work_dir(cfg, ctx.rank, ctx.world), key)
+    done = max(work.open(cfg.resume), stage.start)
+    if done > stage.start:
+        log.info("rank %d resumes from %s: %d layer(s) done", ctx.rank, work.path, done - stage.start)
+    weights, entry = _token_weights(ctx, model, source.adapter, stage, captured, cfg, work, progress)
+    entry, targets = fp_prefetch(ctx, model, source.adapter, stage, captured, entry, cfg.device,
+                                 ctx.settings.fp_prefetch_mb, done)
+    loop = run_stage(ctx, model, source.adapter, captured, weights, cfg, work, done, stage, entry, targets,
+                     progress, keep=packer(source.dtype))
+    return loop.quantized, loop.float_overrides, loop.layer_stats, weights, [s.modality for s in captured]
 
 
 def _run_id(ctx: RankContext) -> str:

@@ -56,7 +56,7 @@ class Watchdog:
         """Tell the other ranks why this one stops (best effort: the store may be gone too)."""
         try:
             self._store.set(f"failed/{self.rank}", message[:2000])
-        except Exception:  # noqa: BLE001 - nothing more to do if the store is unreachable
+        except Exception:  # noqa: BLE001, S110 - the store may be unreachable: nothing more to do
             pass
 
     def stop(self) -> None:
@@ -64,14 +64,14 @@ class Watchdog:
         self._stop.set()
         try:
             self._store.set(f"left/{self.rank}", "1")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110 - the store may be unreachable: nothing more to do
             pass
 
     def run_cleanups(self) -> None:
         for fn in self._cleanups:
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - best effort, we are stopping anyway
+            except Exception:  # noqa: BLE001, S110 - best effort, we are stopping anyway
                 pass
 
     def abort(self, message: str, code: int = ABORT_EXIT, resumable: bool = True) -> None:
@@ -102,7 +102,7 @@ class Watchdog:
                 self._store.set(f"hb/{self.rank}", str(beat))
                 beat += 1
                 self._check_peers(seen)
-            except Exception as exc:  # noqa: BLE001 - the store's host is gone
+            except Exception as exc:  # noqa: BLE001 - whatever the error, the store's host is gone
                 if not self._stop.is_set():
                     self.abort(f"lost the rendezvous store ({type(exc).__name__}): torchrun or rank 0 died")
 

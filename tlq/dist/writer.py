@@ -23,9 +23,19 @@ from safetensors.torch import save_file
 from tlq import __version__
 from tlq.calib.assemble import quantization_config
 from tlq.dist.stage_model import LoadRecord, read_tensors
-from tlq.format.checkpoint import (FORMAT_VERSION, MANIFEST, REPORT, _REPLACED, _WEIGHT_FILES, _shards,
-                                   _swap_into_place, check_output_dir, pack_linear, sha256_file,
-                                   write_json_atomic)
+from tlq.format.checkpoint import (
+    _REPLACED,
+    _WEIGHT_FILES,
+    FORMAT_VERSION,
+    MANIFEST,
+    REPORT,
+    _shards,
+    _swap_into_place,
+    check_output_dir,
+    pack_linear,
+    sha256_file,
+    write_json_atomic,
+)
 from tlq.model_io import SourceModel
 from tlq.quant.qparams import QuantizedWeight
 
