@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,12 +58,20 @@ def main() -> int:
     ap.add_argument("--method", default="tlq")
     ap.add_argument("--max-samples", type=int, default=None)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (model, checkpoints)")
     args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tlq-multirank-"))
+    try:
+        return run(args, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
+
+def run(args, work: Path) -> int:
     from tlq.dist.launch import free_port
     from tlq.dist.writer import tensor_hashes
 
-    work = Path(tempfile.mkdtemp(prefix="tlq-multirank-"))
     model = args.model
     if model is None:
         from tlq.fixtures import build_atomically
