@@ -8,7 +8,7 @@ import torch
 
 from tlq import __version__
 from tlq.errors import TLQError
-from tlq.format.checkpoint import CheckpointContent, FORMAT_VERSION, pack_linear, write_checkpoint
+from tlq.format.checkpoint import CheckpointContent, FORMAT_VERSION, layer_entry, pack_linear, write_checkpoint
 from tlq.model_io import SourceModel
 from tlq.quant.qparams import QuantizedWeight
 from tlq.schemes import QuantScheme
@@ -63,8 +63,7 @@ def write_quantized_model(source: SourceModel, out: Path, scheme: QuantScheme, m
         name = source.to_disk_name(module_name)
         del tensors[f"{name}.weight"]
         tensors.update({f"{name}.{s}": t for s, t in pack_linear(qw, dtype).items()})
-        layers[name] = {"shape": list(qw.shape), "bits": qw.bits, "group_size": qw.group_size,
-                        "sym": qw.zeros is None, "act_order": qw.g_idx is not None}
+        layers[name] = layer_entry(qw)
     config = copy.deepcopy(source.config)
     config["quantization_config"] = quantization_config(scheme, method, act_order, source.adapter.ignore)
     content = CheckpointContent(tensors, config, layers, calibration, report)

@@ -134,8 +134,8 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
         scaling = "none" if scheme.weight_only else "awq"
     if scaling != "none":
         for group in adapter.linear_groups:
-            X = collect_inputs(layer, group.names[0], inputs.calib, inputs.kwargs, device)
-            s = _input_scales(cfg, scaling, group, layer, X, block_weights(group), dtype)
+            X = collect_inputs(layer, group.names[0], inputs.calib, inputs.kwargs, device).to(device)
+            s = _input_scales(cfg, scaling, group, layer, X, block_weights(group).to(device), dtype)
             if _fold_scale(layer, group, s) and not isinstance(get_submodule(layer, group.prev_op), nn.Linear):
                 overrides[f"{layer_prefix}.{group.prev_op}.weight"] = get_submodule(layer, group.prev_op).weight.detach().cpu().clone()
     fp_scaled = copy.deepcopy(layer) if method.exposure == "corrected" else None
@@ -154,6 +154,8 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
             if keep is not None:
                 X, w = X[keep], w[keep]
                 X_fp = None if X_fp is None else X_fp[keep]
+        # inputs are gathered on the CPU; the solver runs where the layer is
+        X, w, X_fp = (None if t is None else t.to(device) for t in (X, w, X_fp))
         H = weighted_hessian(X, w) if method.solver == "gptq" else None  # shared by the group's linears
         for name in group.names:
             lin = get_submodule(layer, name)
@@ -166,7 +168,7 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
                 qw = quantize_rtn(W, scheme.bits, scheme.group_size, scheme.symmetric, dtype, clip_ratio=ratio)
             with torch.no_grad():
                 lin.weight.copy_(qw.dequantize(lin.weight.dtype))
-            quantized[f"{layer_prefix}.{name}"] = qw
+            quantized[f"{layer_prefix}.{name}"] = qw.to("cpu")
         if not scheme.weight_only:
             hooks += add_activation_quant(layer, group.names)
     return quantized, overrides, hooks

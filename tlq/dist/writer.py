@@ -11,35 +11,30 @@ temporary folder, which has no manifest and which rank 0 removes when it stops o
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from tlq import __version__
 from tlq.calib.assemble import quantization_config
 from tlq.dist.stage_model import LoadRecord, read_tensors
 from tlq.format.checkpoint import (
-    _REPLACED,
-    _WEIGHT_FILES,
-    FORMAT_VERSION,
-    MANIFEST,
-    REPORT,
-    _shards,
-    _swap_into_place,
-    check_output_dir,
+    INDEX,
+    copy_model_files,
+    finish_folder,
+    layer_entry,
     pack_linear,
     sha256_file,
+    shard_tensors,
+    swap_into_place,
+    check_output_dir,
     write_json_atomic,
 )
 from tlq.model_io import SourceModel
 from tlq.quant.qparams import QuantizedWeight
 
-INDEX = "model.safetensors.index.json"
 
 
 def temp_folder(out: Path, run_id: str) -> Path:
@@ -59,10 +54,7 @@ def packer(scale_dtype: torch.dtype):
     """`run_layer_loop(keep=)`: pack each layer as soon as it is calibrated, so a stage holds
     int4 codes (0.5 byte per weight) instead of int32 ones (4 bytes) until it writes its shard."""
     def pack(quantized: dict[str, QuantizedWeight]) -> dict[str, PackedLinear]:
-        return {name: PackedLinear(pack_linear(qw, scale_dtype),
-                                   {"shape": list(qw.shape), "bits": qw.bits, "group_size": qw.group_size,
-                                    "sym": qw.zeros is None, "act_order": qw.g_idx is not None})
-                for name, qw in quantized.items()}
+        return {name: PackedLinear(pack_linear(qw, scale_dtype), layer_entry(qw)) for name, qw in quantized.items()}
     return pack
 
 
@@ -84,7 +76,7 @@ def write_shards(tmp: Path, rank: int, tensors: dict[str, torch.Tensor]) -> list
     """Write this rank's shard files; returns [{file, sha256, tensors}] for rank 0."""
     tmp.mkdir(parents=True, exist_ok=True)
     files = []
-    for j, shard in enumerate(_shards(tensors)):
+    for j, shard in enumerate(shard_tensors(tensors)):
         name = f".rank{rank:05d}-{j:05d}.safetensors"
         save_file(shard, tmp / name, metadata={"format": "pt"})
         files.append({"file": name, "sha256": sha256_file(tmp / name), "tensors": sorted(shard)})
@@ -109,22 +101,12 @@ def finalize(tmp: Path, out: Path, source: SourceModel, shards: list[list[dict]]
         weight_map.update({t: name for t in f["tensors"]})
     write_json_atomic(tmp / INDEX, {"metadata": {}, "weight_map": weight_map})
     files[INDEX] = sha256_file(tmp / INDEX)
-    for item in sorted(source.path.iterdir()):
-        if item.is_file() and item.name not in _REPLACED and not item.name.endswith(_WEIGHT_FILES):
-            shutil.copy2(item, tmp / item.name)
+    copy_model_files(source.path, tmp)
     config = copy.deepcopy(source.config)
     config["quantization_config"] = quantization_config(scheme, method, act_order, source.adapter.ignore)
-    write_json_atomic(tmp / "config.json", config)
-    files["config.json"] = sha256_file(tmp / "config.json")
-    write_json_atomic(tmp / REPORT, report)
-    manifest = {
-        "format_version": FORMAT_VERSION, "tool": "tlq", "tool_version": __version__,
-        "files": files, "quantized_layers": layers, "calibration": calibration,
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    write_json_atomic(tmp / MANIFEST, manifest)  # last: a folder without it is not a checkpoint
+    finish_folder(tmp, files, config, layers, calibration, report)
     check_output_dir(out, overwrite)
-    _swap_into_place(tmp, out)
+    swap_into_place(tmp, out)
     return out
 
 

@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 MANIFEST = "tlq_manifest.json"
 REPORT = "tlq_report.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 4 * 2**30
 # Files of the source model that the writer replaces rather than copies.
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
@@ -88,6 +89,7 @@ def write_json_atomic(path: Path, data) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared read-only folders
     os.replace(tmp, path)
 
 
@@ -100,7 +102,8 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise TLQError(f"output path {out_dir} is a file, not a folder; choose another --out")
 
 
-def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def shard_tensors(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Split a state dict (sorted by name) into shards of at most MAX_SHARD_BYTES."""
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
         t = tensors[name]
@@ -133,17 +136,53 @@ class CheckpointContent:
     report: dict | None = None
 
 
+def layer_entry(qw: QuantizedWeight) -> dict:
+    """The manifest's `quantized_layers` entry of one quantized linear."""
+    return {"shape": list(qw.shape), "bits": qw.bits, "group_size": qw.group_size,
+            "sym": qw.zeros is None, "act_order": qw.g_idx is not None}
+
+
+def new_temp_folder(out_dir: Path) -> Path:
+    """A hidden sibling of `out_dir` to build a checkpoint in (readable like a normal folder)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)
+    return tmp
+
+
+def copy_model_files(source_dir: Path, folder: Path) -> None:
+    """Tokenizer, processor, chat template, generation config...: every file but weights and configs."""
+    for item in sorted(Path(source_dir).iterdir()):
+        if item.is_file() and item.name not in _REPLACED and not item.name.endswith(_WEIGHT_FILES):
+            shutil.copy2(item, folder / item.name)
+
+
+def finish_folder(folder: Path, files: dict[str, str], config: dict, quantized_layers: dict,
+                  calibration: dict, report: dict | None) -> None:
+    """Write config, report and, last, the manifest (a folder without it is not a checkpoint).
+
+    `files` maps the tensor files already in `folder` to their sha256; config.json is added.
+    """
+    write_json_atomic(folder / "config.json", config)
+    files["config.json"] = sha256_file(folder / "config.json")
+    if report is not None:
+        write_json_atomic(folder / REPORT, report)
+    manifest = {
+        "format_version": FORMAT_VERSION, "tool": "tlq", "tool_version": __version__,
+        "files": files, "quantized_layers": quantized_layers, "calibration": calibration,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    write_json_atomic(folder / MANIFEST, manifest)
+
+
 def write_checkpoint(out_dir: Path, source_dir: Path, content: CheckpointContent, overwrite: bool = False) -> Path:
     """Write a self-contained checkpoint folder atomically; returns its path."""
     out_dir, source_dir = Path(out_dir).resolve(), Path(source_dir)
     check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = new_temp_folder(out_dir)
     try:
-        for item in sorted(source_dir.iterdir()):
-            if item.is_file() and item.name not in _REPLACED and not item.name.endswith(_WEIGHT_FILES):
-                shutil.copy2(item, tmp / item.name)
-        shards = _shards(content.tensors)
+        copy_model_files(source_dir, tmp)
+        shards = shard_tensors(content.tensors)
         files = {}
         if len(shards) == 1:
             save_file(shards[0], tmp / WEIGHTS, metadata={"format": "pt"})
@@ -155,27 +194,18 @@ def write_checkpoint(out_dir: Path, source_dir: Path, content: CheckpointContent
                 save_file(shard, tmp / name, metadata={"format": "pt"})
                 files[name] = sha256_file(tmp / name)
                 weight_map.update({t: name for t in shard})
-            write_json_atomic(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
-            files["model.safetensors.index.json"] = sha256_file(tmp / "model.safetensors.index.json")
-        write_json_atomic(tmp / "config.json", content.config)
-        files["config.json"] = sha256_file(tmp / "config.json")
-        if content.report is not None:
-            write_json_atomic(tmp / REPORT, content.report)
-        manifest = {
-            "format_version": FORMAT_VERSION, "tool": "tlq", "tool_version": __version__,
-            "files": files, "quantized_layers": content.quantized_layers,
-            "calibration": content.calibration,
-            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)  # last: a folder without it is not a checkpoint
-        _swap_into_place(tmp, out_dir)
+            write_json_atomic(tmp / INDEX, {"metadata": {}, "weight_map": weight_map})
+            files[INDEX] = sha256_file(tmp / INDEX)
+        finish_folder(tmp, files, content.config, content.quantized_layers, content.calibration, content.report)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+def swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename a finished folder to `out_dir`, replacing an older one only now that the new is complete."""
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)

@@ -80,6 +80,11 @@ class QuantizedWeight:
     group_size: int
     g_idx: torch.Tensor | None = None
 
+    def to(self, device) -> "QuantizedWeight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeight(move(self.codes), move(self.scales), move(self.zeros), self.bits,
+                               self.group_size, move(self.g_idx))
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
