@@ -156,7 +156,8 @@ def chart(table: dict, path: Path) -> Path | None:
         for row, metric in enumerate(("kl", "avg")):
             ax = axes[row][col]
             for j, method in enumerate(methods):
-                xs = [i + (j - len(methods) / 2) * width for i, s in enumerate(settings) if method in table[model][s]]
+                offset = (j - (len(methods) - 1) / 2) * width
+                xs = [i + offset for i, s in enumerate(settings) if method in table[model][s]]
                 vals = [table[model][s][method][metric] for s in settings if method in table[model][s]]
                 ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=LABELS[method].strip(" -"))
             if metric == "avg":

@@ -45,16 +45,17 @@ def test_scene_questions_are_unambiguous_and_right():
     assert dict(qs["count"]) == {"How many circles are there?": "2", "How many squares are there?": "1"}
 
 
-def test_count_scenes_hold_one_to_six_targets_in_distinct_cells():
+def test_count_scenes_hold_one_to_six_like_objects_in_distinct_cells():
     rnd = random.Random(0)
-    for _ in range(50):
+    sizes = Counter()
+    for _ in range(60):
         objects = tasks.count_scene(rnd)
         cells = [o[2] for o in objects]
-        assert len(set(cells)) == len(cells) <= 9
-        counts = Counter(o[0] for o in objects)
-        assert 1 <= max(counts.values()) <= 6 and sum(counts.values()) - max(counts.values()) <= 2
+        assert len(set(cells)) == len(cells) and len({o[:2] for o in objects}) == 1
+        sizes[len(objects)] += 1
         _, question, answer = tasks.TASKS["count"](rnd)
         assert question.startswith("How many") and 1 <= int(answer) <= 6
+    assert sorted(sizes) == [1, 2, 3, 4, 5, 6]
 
 
 def test_text_task_answers():
