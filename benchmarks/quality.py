@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
             "pool_size": sum(1 for ln in pool_file.read_text().splitlines() if ln.strip()),
             "settings": args.settings, "methods": args.methods, "ablation_settings": args.ablation_settings,
             "minutes": round((time.time() - t0) / 60, 1), "jobs": args.jobs, "torch_threads": 1,
+            "cell_minutes": round(sum(r["calib_seconds"] + r["eval_seconds"] for o in outputs for r in o["records"])
+                                  / 60, 1),
             **outputs[0]["sizes"]}
     paths = report.write_reports(args.out, table, report.sensitivity_rows(sens, fp), report.verdicts(table), meta)
     _say(f"done in {meta['minutes']} min: " + ", ".join(str(p) for p in paths.values()))

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.fixtures.tasks import IMAGE_TYPES, TEXT_TYPES
-from benchmarks.quality_lib.grid import BASELINES, LABELS, SENSITIVITY
+from benchmarks.quality_lib.grid import BASELINES, LABELS, SENSITIVITY, SETTINGS
 
 TYPES = IMAGE_TYPES + TEXT_TYPES
 
@@ -51,7 +51,9 @@ def aggregate(records: list[dict], fp: dict[str, dict]) -> dict:
         entry = {k: list(mean_std([run[k] for run in runs])) for k in runs[0]}
         entry["seeds"] = len(runs)
         table.setdefault(model, {}).setdefault(setting, {})[method] = entry
-    return table
+    order = ["FP"] + [s.label for s in SETTINGS.values()]  # the papers' column order, not finishing order
+    return {m: dict(sorted(t.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+            for m, t in table.items()}
 
 
 def verdicts(table: dict) -> list[dict]:
@@ -100,7 +102,10 @@ def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict) -> str
              f"({meta['test_image']} need the image, {meta['test_text']} text only). "
              "Accuracy = greedy exact match (%); Avg = macro average over question types; "
              "Rec. = Avg / FP Avg; KL = mean KL(FP || quantized) per answer token (teacher-forced), x1e-3. "
-             "mean ± std over seeds (RTN uses no data: one run).")
+             "mean ± std over seeds (RTN uses no data: one run). "
+             f"Grid cells took {meta.get('cell_minutes', '?')} min of calibration + evaluation in all "
+             f"(this invocation: {meta.get('minutes', '?')} min wall, {meta.get('jobs', 1)} process(es), 1 thread each; "
+             "cells finished earlier are reused from results-*.jsonl).")
     lines = [f"# TLQ quality benchmark ({meta.get('mode', 'full')} run)", "", intro, ""]
     if sens:
         lines += ["## Fixture sensitivity (RTN, group size 64)", "",
