@@ -41,13 +41,17 @@ def parse_args(argv):
     p.add_argument("--models", nargs="+", default=list(training.ARCHS), choices=training.ARCHS)
     p.add_argument("--settings", nargs="*", default=None, choices=list(grid.SETTINGS),
                    help="settings to run (none: only the FP and sensitivity evaluation)")
-    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS + list(grid.VARIANTS),
+                   help="methods (default: all baselines and tlq); tlq-* variants are candidates for TLQ's "
+                        "defaults, to be compared with --split val")
+    p.add_argument("--split", default="test", choices=("test", "val"),
+                   help="evaluation split: test (the reported table) or val (for choosing settings)")
     p.add_argument("--ablation-settings", nargs="*", default=None, choices=list(grid.SETTINGS),
                    help="settings that also get the TLQ ablation rows (default: the paper pair w3a16 w4a8)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="calibration seeds (default 0 1 2)")
     p.add_argument("--jobs", type=int, default=1, help="models evaluated in parallel processes (1 thread each)")
     p.add_argument("--calib-samples", type=int, default=32, help="samples drawn from the pool per seed")
-    p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test questions")
+    p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N questions of the split")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the RTN g64 fixture check")
     p.add_argument("--cache", type=Path, default=None, help="trained-model cache root (default $TLQ_CACHE/trained)")
     args = p.parse_args(argv)
@@ -71,7 +75,7 @@ def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
     """(FP summary, sensitivity summaries, test size, eval set) of one model; grid cells go to `log`."""
     model_dir = training.ensure_trained(training.default_config(arch), args.cache, log=_say)
     fp_model, processor = load_for_eval(model_dir, quantized=False)
-    evalset = build_eval_set(processor, data / "test.jsonl", limit=opts.test_limit)
+    evalset = build_eval_set(processor, data / f"{opts.split}.jsonl", limit=opts.test_limit)
     fp_results, reference = run_eval(fp_model, evalset)
     fp_summary = summarize(fp_results)
     _say(f"{arch}: FP accuracy {fp_summary['all']['accuracy']:.1f} on {len(evalset.items)} questions")
@@ -101,7 +105,8 @@ def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
 def run_model(arch: str, args) -> dict:
     """Everything for one model (a worker process with --jobs > 1); returns what the report needs."""
     torch.set_num_threads(1)
-    opts = RunOptions(calib_samples=args.calib_samples, test_limit=args.test_limit, seeds=tuple(args.seeds))
+    opts = RunOptions(calib_samples=args.calib_samples, test_limit=args.test_limit, seeds=tuple(args.seeds),
+                      split=args.split)
     data = training.ensure_data(training.default_config(arch).task, args.cache)
     log = RunLog(args.out / f"results-{arch}.jsonl")
     fp, sens, n, evalset = evaluate_model(arch, args, data, opts, log)
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     sens = {o["arch"]: o["sens"] for o in outputs if o["sens"]}
     table = report.aggregate([r for o in outputs for r in o["records"]], fp)
     pool_file = outputs[0]["pool"]
-    meta = {"mode": args.mode, "calib_samples": args.calib_samples, "seeds": list(args.seeds),
+    meta = {"mode": args.mode, "split": args.split, "calib_samples": args.calib_samples, "seeds": list(args.seeds),
             "pool_size": sum(1 for ln in pool_file.read_text().splitlines() if ln.strip()),
             "settings": args.settings, "methods": args.methods, "ablation_settings": args.ablation_settings,
             "minutes": round((time.time() - t0) / 60, 1), "jobs": args.jobs, "torch_threads": 1,

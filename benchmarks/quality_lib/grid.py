@@ -1,7 +1,9 @@
 """The benchmark grid: settings (scheme + group size), methods (baselines, TLQ, TLQ ablations).
 
 Ablations are TLQ's MethodSpec with one axis changed (dataclasses.replace), so each row
-differs from `tlq` in exactly the named component.
+differs from `tlq` in exactly the named component. Variants are TLQ with one calibration
+setting changed (CalibConfig / ImportanceConfig fields): candidates for TLQ's defaults, chosen
+on the validation split (`--split val`), never on the test set.
 """
 from __future__ import annotations
 
@@ -49,13 +51,40 @@ ABLATIONS: dict[str, MethodSpec] = {
     "tlq-fp-exposure": replace(METHODS["tlq"], name="tlq-fp-exposure", exposure="fp",
                                summary="TLQ without quantization exposure (FP inputs)"),
 }
+# name -> (method, CalibConfig overrides; "importance" holds ImportanceConfig overrides).
+# TLQ's defaults (damp 0.1, exposure strength 0.5, auto input scaling) were chosen among such
+# variants on the validation split; docs/quality.md has that table.
+VARIANTS: dict[str, tuple[MethodSpec, dict]] = {
+    "tlq-no-scaling": (replace(METHODS["tlq"], name="tlq-no-scaling", input_scaling="none",
+                               summary="TLQ without input scaling for W4A8"), {}),
+    "tlq-smooth": (replace(METHODS["tlq"], name="tlq-smooth", input_scaling="smoothquant",
+                           summary="TLQ with SmoothQuant input scaling"), {}),
+    "tlq-damp-0.01": (METHODS["tlq"], {"damp": 0.01}),
+    "tlq-damp-0.3": (METHODS["tlq"], {"damp": 0.3}),
+    "tlq-exposure-1.0": (METHODS["tlq"], {"exposure_strength": 1.0}),
+    "tlq-exposure-0.25": (METHODS["tlq"], {"exposure_strength": 0.25}),
+    "tlq-exposure-quantized": (replace(METHODS["tlq"], name="tlq-exposure-quantized", exposure="quantized",
+                                       summary="TLQ calibrated on the quantized path's own outputs"), {}),
+    "tlq-mix-0.8": (METHODS["tlq"], {"importance": {"prior_mix": 0.8}}),
+    "tlq-floor-0.3": (METHODS["tlq"], {"importance": {"floor": 0.3}}),
+    # TLQ's damping for the GPTQ baseline: how much of TLQ's gain is only the damping?
+    "gptq-damp-0.1": (METHODS["gptq"], {"damp": 0.1}),
+}
 LABELS = {"fp": "FP (float)", "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant", "mbq": "MBQ",
           "tlq": "TLQ (ours)", "tlq-uniform": "  - uniform token weights", "tlq-modality": "  - modality weights only",
-          "tlq-fp-exposure": "  - no quantization exposure"}
+          "tlq-fp-exposure": "  - no quantization exposure",
+          "gptq-damp-0.1": "GPTQ, damp 0.1 (TLQ's)"}
 
 
 def method_spec(name: str) -> MethodSpec:
-    return ABLATIONS[name] if name in ABLATIONS else METHODS[name]
+    return method_config(name)[0]
+
+
+def method_config(name: str) -> tuple[MethodSpec, dict]:
+    """(method, CalibConfig overrides) of a row: a registered method, an ablation or a variant."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    return (ABLATIONS[name] if name in ABLATIONS else METHODS[name]), {}
 
 
 def methods_for(setting: Setting, methods: list[str]) -> list[str]:

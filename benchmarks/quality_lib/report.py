@@ -106,7 +106,7 @@ def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict) -> str
              f"Grid cells took {meta.get('cell_minutes', '?')} min of calibration + evaluation in all "
              f"(this invocation: {meta.get('minutes', '?')} min wall, {meta.get('jobs', 1)} process(es), 1 thread each; "
              "cells finished earlier are reused from results-*.jsonl).")
-    lines = [f"# TLQ quality benchmark ({meta.get('mode', 'full')} run)", "", intro, ""]
+    lines = [f"# TLQ quality benchmark ({meta.get('mode', 'full')} run, {meta.get('split', 'test')} split)", "", intro, ""]
     if sens:
         lines += ["## Fixture sensitivity (RTN, group size 64)", "",
                   "| model | FP acc | W4 g64 drop | W3 g64 drop | W2 g64 drop | KL W4 / W3 / W2 (x1e-3) | targets (<=1 / >=3 / >=10) |",

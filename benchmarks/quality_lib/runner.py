@@ -13,7 +13,7 @@ from pathlib import Path
 
 from benchmarks.fixtures.tasks import draw_calibration_subset
 from benchmarks.quality_lib.evaluate import EvalSet, load_for_eval, run_eval, summarize
-from benchmarks.quality_lib.grid import Setting, method_spec
+from benchmarks.quality_lib.grid import Setting, method_config
 
 
 @dataclass(frozen=True)
@@ -22,13 +22,15 @@ class RunOptions:
 
     Attributes:
         calib_samples: calibration samples drawn from the pool per seed.
-        test_limit: evaluate on the first N test questions (None = all).
+        test_limit: evaluate on the first N questions of the split (None = all).
         seeds: calibration seeds (each draws its own subset of the pool).
+        split: evaluation split: "test" (the reported tables) or "val" (choosing method settings).
     """
 
     calib_samples: int = 32
     test_limit: int | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
+    split: str = "test"
 
 
 class RunLog:
@@ -54,7 +56,7 @@ class RunLog:
 
 
 def options_key(opts: RunOptions) -> str:
-    return f"calib{opts.calib_samples}-test{opts.test_limit or 'all'}"
+    return f"calib{opts.calib_samples}-{opts.split}{opts.test_limit or 'all'}"
 
 
 def calibration_file(pool: Path, work: Path, n: int, seed: int) -> Path:
@@ -73,12 +75,14 @@ def run_cell(model_name: str, model_dir: Path, setting: Setting, method: str, se
     earlier = log.done(RunLog.key(base))
     if earlier is not None:
         return earlier
-    spec = method_spec(method)
+    spec, overrides = method_config(method)
+    overrides = dict(overrides)
+    importance = ImportanceConfig(mode=spec.importance, **overrides.pop("importance", {}))
     ckpt = work / f"ckpt-{model_name}-{setting.scheme.name}-g{setting.scheme.group_size}-{method}-s{seed}"
     t0 = time.time()
     cfg = CalibConfig(model=model_dir, out=ckpt, method=spec, scheme=setting.scheme,
                       calib=calibration_file(pool, work, opts.calib_samples, seed), seed=seed, overwrite=True,
-                      importance=ImportanceConfig(mode=spec.importance))
+                      importance=importance, **overrides)
     calibrate(cfg, progress=False)
     t1 = time.time()
     model, _ = load_for_eval(ckpt, quantized=True)

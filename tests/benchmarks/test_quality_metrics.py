@@ -16,7 +16,7 @@ from benchmarks.quality_lib.runner import RunLog, RunOptions, run_cell
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality-data")
-    return tasks.write_eval_data(out, tasks.TaskConfig(n_test=14, n_calib_pool=12))
+    return tasks.write_eval_data(out, tasks.TaskConfig(n_test=16, n_val=4, n_calib_pool=12))
 
 
 @pytest.fixture()
@@ -112,6 +112,22 @@ def test_grid_ablations_change_one_axis_and_smoothquant_is_w4a8_only():
     assert "smoothquant" in grid.methods_for(grid.SETTINGS["w4a8"], ["rtn", "smoothquant"])
     assert grid.seeds_for("rtn", [0, 1, 2]) == [0] and grid.seeds_for("tlq", [0, 1, 2]) == [0, 1, 2]
     assert grid.SETTINGS["w2a16"].scheme.group_size == 64 and grid.SETTINGS["w4a8"].scheme.group_size == -1
+
+
+def test_variants_differ_from_their_method_and_build_valid_configs(tmp_path):
+    from tlq.calib.config import CalibConfig, ImportanceConfig
+    from tlq.schemes import get_scheme
+    assert grid.method_config("tlq") == (grid.method_spec("tlq"), {})
+    for name, (spec, overrides) in grid.VARIANTS.items():
+        base = grid.method_spec(name.split("-")[0])
+        axes = [f for f in ("importance", "input_scaling", "clip_search", "solver", "exposure")
+                if getattr(spec, f) != getattr(base, f)]
+        assert axes or overrides, name
+        overrides = dict(overrides)
+        importance = ImportanceConfig(mode=spec.importance, **overrides.pop("importance", {}))
+        cfg = CalibConfig(model=tmp_path, out=tmp_path / "o", method=spec, scheme=get_scheme("w4a16"),
+                          importance=importance, **overrides)
+        assert all(getattr(cfg, k) == v for k, v in overrides.items())
 
 
 def _summary(acc_img, acc_txt, kl):

@@ -68,8 +68,29 @@ def test_text_task_answers():
         assert int(a) == max(int(t.strip(",?")) for t in q.split()[-3::2])
 
 
+def test_fact_questions_follow_the_table_and_splits_ask_about_disjoint_people():
+    table = {name: (number, colour) for name, number, colour in tasks.FACTS}
+    assert len(table) == tasks.FACT_PEOPLE and tasks.fact_table() == tasks.FACTS  # fixed, unique names
+    asked = {}
+    for group in ("calib", "val", "test"):
+        people = set()
+        for s in itertools.islice(tasks.sample_stream(11, group=group), 40 * len(tasks.TYPE_CYCLE)):
+            if s.question_type in tasks.FACT_TYPES:
+                name = s.question.rstrip("?").split()[-1]
+                assert s.answer == table[name][0 if s.question_type == "fact_number" else 1]
+                people.add(name)
+        asked[group] = people
+    assert not (asked["calib"] & asked["val"]) and not (asked["val"] & asked["test"])
+    assert not (asked["calib"] & asked["test"]) and all(len(p) > 40 for p in asked.values())
+    convs = itertools.islice(tasks.training_conversations(0, False, 5, fact_share=1.0), 300)
+    trained = {m["content"][0]["text"].rstrip("?").split()[-1] for msgs, _ in convs for m in msgs
+               if m["role"] == "user"}
+    assert len(trained & asked["test"]) > 40  # training covers the test people
+
+
 def test_splits_load_as_calibration_data_and_subsets_depend_on_the_seed(tmp_path):
-    paths = tasks.write_eval_data(tmp_path, tasks.TaskConfig(n_test=28, n_calib_pool=20))
+    paths = tasks.write_eval_data(tmp_path, tasks.TaskConfig(n_test=28, n_val=16, n_calib_pool=20))
+    assert len(load_calibration(paths["val"])) == 16
     test = load_calibration(paths["test"])
     assert len(test) == 28 and {s.question_type for s in test} == set(tasks.TYPE_CYCLE)
     assert all(len(s.image_paths) == (s.question_type in tasks.IMAGE_TYPES) for s in test)

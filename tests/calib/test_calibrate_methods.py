@@ -82,3 +82,17 @@ def test_methods_differ_and_tlq_uses_token_weights(qwen2_vl_dir, tmp_path):
     info = verify_checkpoint(tmp_path / "tlq")
     q = info.manifest["calibration"]["token_stats"]["weight_quantiles"]
     assert q["vision"] != q["answer"], "token weights are not uniform"
+    calibration = info.manifest["calibration"]
+    assert (calibration["damp"], calibration["exposure_strength"]) == (0.1, 0.5)  # the method's defaults
+
+
+def test_solver_settings_default_to_the_method(tmp_path):
+    tlq, gptq = get_method("tlq"), get_method("gptq")
+    cfg = CalibConfig(model=tmp_path, out=tmp_path / "a", method=tlq, scheme=get_scheme("w4a16"))
+    assert (cfg.damp, cfg.exposure_strength) == (tlq.damp, tlq.exposure_strength) == (0.1, 0.5)
+    cfg = CalibConfig(model=tmp_path, out=tmp_path / "b", method=gptq, scheme=get_scheme("w4a16"))
+    assert (cfg.damp, cfg.exposure_strength) == (0.01, 1.0)
+    cfg = CalibConfig(model=tmp_path, out=tmp_path / "c", method=tlq, scheme=get_scheme("w4a16"), damp=0.02,
+                      exposure_strength=1.0)
+    assert (cfg.damp, cfg.exposure_strength) == (0.02, 1.0)
+    assert cfg.run_key()["damp"] == 0.02

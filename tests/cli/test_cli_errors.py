@@ -60,6 +60,14 @@ def test_unknown_scheme_or_method(qwen2_vl_dir, out, capsys, flag, value, phrase
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag,value,phrase", [("--damp", "0", "damp must be positive"),
+                                               ("--exposure-strength", "1.5", "outside [0, 1]")])
+def test_solver_settings_out_of_range(qwen2_vl_dir, out, capsys, flag, value, phrase):
+    code, err = run_cli(["calibrate", str(qwen2_vl_dir), "--out", str(out), flag, value], capsys)
+    _assert_one_line_error(code, err, phrase)
+    assert not out.exists()
+
+
 def test_group_size_must_divide(qwen2_vl_dir, out, capsys):
     code, err = run_cli(["calibrate", str(qwen2_vl_dir), "--out", str(out), "--method", "rtn",
                          "--group-size", "96"], capsys)

@@ -51,7 +51,8 @@ def reference(qwen2_vl_dir, tmp_path_factory):
     def get(method: str):
         if method not in built:
             out = tmp_path_factory.mktemp("ref") / method
-            done = _tlq(str(qwen2_vl_dir), "--out", str(out), "--method", method, *ARGS, env=_env())
+            done = _tlq(str(qwen2_vl_dir), "--out", str(out), "--method", method, *ARGS,
+                        env=_env(TLQ_DIST_RECORD=out.parent / "record"))
             assert done.returncode == 0, done.stderr[-3000:]
             built[method] = out
         return built[method]
@@ -78,7 +79,11 @@ def test_two_ranks_write_the_single_process_checkpoint(qwen2_vl_dir, reference, 
     from safetensors import safe_open
     with safe_open(str(qwen2_vl_dir / "model.safetensors"), framework="pt") as st:
         every = set(st.keys())
-    loaded = [set(json.loads((record / f"rank{r}.json").read_text())["loaded"]) for r in range(2)]
+    records = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
+    single = json.loads((ref.parent / "record" / "rank0.json").read_text())  # one process records too
+    assert single["world"] == 1 and single["layers"] == [0, 1]
+    assert all(0 < r["start_rss_mb"] < r["peak_rss_mb"] for r in records + [single])
+    loaded = [set(r["loaded"]) for r in records]
     assert loaded[0] | loaded[1] == every and not loaded[0] & loaded[1]
     assert all(n.startswith(("visual.", "model.embed_tokens.", "model.layers.0.")) for n in loaded[0])
     assert all(n.startswith(("lm_head.", "model.norm.", "model.layers.1.")) for n in loaded[1])

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tlq.adapters import ModelAdapter, get_submodule
+from tlq.calib.memory import trim_heap
 
 PROMPT, VISION, ANSWER = 0, 1, 2
 MODALITY_NAMES = {PROMPT: "prompt", VISION: "vision", ANSWER: "answer"}
@@ -104,3 +105,14 @@ def capture_inputs(model, adapter: ModelAdapter, encoded: list[tuple[str, dict]]
     finally:
         handle.remove()
     return samples
+
+
+def release_vision(model, adapter: ModelAdapter) -> None:
+    """After capture nothing runs the vision tower and projector again: swap their parameters
+    for meta ones (new objects, so a tensor shared with a module still in use is untouched)."""
+    for name in adapter.vision_modules:
+        for module in get_submodule(model, name).modules():
+            for key, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[key] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+    trim_heap()

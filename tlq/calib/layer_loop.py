@@ -25,6 +25,7 @@ from tlq.adapters import ModelAdapter
 from tlq.calib.capture import ANSWER, PROMPT, VISION, CapturedSample
 from tlq.calib.config import CalibConfig
 from tlq.calib.layer_solve import LayerInputs, calibrate_layer, run_layer
+from tlq.calib.memory import rss_mark, trim_heap
 from tlq.quant.qparams import QuantizedWeight
 
 _STATE = "state.pt"
@@ -111,7 +112,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
     `start_streams` = (h_q, h_fp) lets a pipeline stage start from another rank's outputs;
     `fp_targets` (layer -> y_fp per sample, consumed) are FP outputs a pipeline stage computed
     ahead while earlier stages were still calibrating (tlq/dist); `keep` maps each layer's
-    quantized weights to what the result holds (tlq/dist packs them: 8x less memory than int32 codes).
+    quantized weights to what the result holds (`tlq.dist.writer.packer`: 8x less memory than int32 codes).
     """
     keep = keep or (lambda quantized: quantized)
     layers = adapter.layers(model)
@@ -145,6 +146,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
                              [{b: w[(i, b)] for (li, b) in w if li == i} for w in weights])
         quantized, overrides, hooks = calibrate_layer(layer, adapter.layer_prefix(i), inputs, adapter, cfg, dtype,
                                                       layer_seed=cfg.seed * 100003 + i)
+        rss_mark(f"layer {i} calibrated")
         h_q = run_layer(layer, h_q, kwargs, cfg.device)
         for h in hooks:
             h.remove()
@@ -156,7 +158,10 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
         result.quantized.update(keep(quantized))
         result.float_overrides.update(overrides)
         result.layer_stats.append(stats)
+        del quantized, overrides, inputs, y_fp
+        trim_heap()  # what the solver freed, else it stays resident under the next layer's peak
         bar.set_postfix(rel_vision=_fmt(stats["rel_vision"]), rel_text=_fmt(stats["rel_text"]))
+        rss_mark(f"layer {i} done")
         _maybe_die_for_test(i)
     result.final_streams = (h_q, h_fp)
     return result

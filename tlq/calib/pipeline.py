@@ -2,10 +2,15 @@
 
     load + validate everything -> capture LM inputs once -> token importance (gradient pass)
     -> quantization-exposed layer loop -> assemble + atomic write
+
+Memory: each layer is packed as soon as it is calibrated (as on every rank of tlq/dist), the
+vision tower is dropped after capture, the model before the write (which reads the float
+tensors again from disk), and freed heap goes back to the OS between phases (`trim_heap`).
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -13,10 +18,12 @@ from pathlib import Path
 import torch
 
 from tlq.calib.assemble import check_group_size, decoder_linear_names, write_quantized_model
-from tlq.calib.capture import capture_inputs
+from tlq.calib.capture import capture_inputs, release_vision
 from tlq.calib.config import CalibConfig
 from tlq.calib.importance import integrate, token_gradients, uniform_weights, weight_statistics
 from tlq.calib.layer_loop import WorkFolder, run_layer_loop
+from tlq.calib.memory import rss_mark, start_of_calibration, trim_heap, write_memory_record
+from tlq.dist.writer import packer, write_packed_model
 from tlq.format.checkpoint import check_output_dir
 from tlq.model_io import SourceModel, open_source_model
 from tlq.quant.qparams import quantize_rtn
@@ -26,6 +33,7 @@ log = logging.getLogger("tlq.calibrate")
 
 def calibrate(cfg: CalibConfig, progress: bool = True) -> Path:
     """Run one calibration and write its checkpoint; returns the checkpoint folder."""
+    start_of_calibration()
     source = open_source_model(cfg.model)
     check_output_dir(cfg.out, cfg.overwrite)
     check_group_size(source, cfg.scheme)
@@ -39,18 +47,32 @@ def calibrate(cfg: CalibConfig, progress: bool = True) -> Path:
     from tlq.data.processing import encode_sample
     encoded = [(s.id, encode_sample(processor, s)) for s in samples]
     captured = capture_inputs(model, source.adapter, encoded, progress=progress)
+    release_vision(model, source.adapter)
+    del encoded
+    rss_mark("captured")
     work = WorkFolder(cfg.work_dir, cfg.run_key())
     done = work.open(cfg.resume)
     if done:
         log.info("resuming from %s: %d layer(s) already calibrated", cfg.work_dir, done)
     weights = token_weights(model, source, captured, cfg, work, progress)
-    loop = run_layer_loop(model, source.adapter, captured, weights, cfg, work, done, progress=progress)
+    trim_heap()
+    rss_mark("token weights")
+    num_layers = len(source.adapter.layers(model))
+    loop = run_layer_loop(model, source.adapter, captured, weights, cfg, work, done, progress=progress,
+                          keep=packer(source.dtype))
     calibration = calibration_record(cfg, samples, weights, [s.modality for s in captured])
+    del model, captured, weights, processor
+    loop.final_streams = None
+    trim_heap()
     report = {"layers": loop.layer_stats, "total_seconds": round(time.time() - t0, 2),
               "method": cfg.method.name, "scheme": cfg.scheme.name}
-    out = write_quantized_model(source, cfg.out, cfg.scheme, cfg.method.name, loop.quantized,
-                                loop.float_overrides, calibration, report, cfg.act_order, cfg.overwrite)
+    out = write_packed_model(source, cfg.out, cfg.scheme, cfg.method.name, loop.quantized, loop.float_overrides,
+                             calibration, report, cfg.act_order, cfg.overwrite)
+    rss_mark("written")
     shutil.rmtree(cfg.work_dir, ignore_errors=True)
+    if os.environ.get("TLQ_DIST_RECORD"):  # as each rank of tlq/dist does (benchmarks/multirank.py)
+        write_memory_record(Path(os.environ["TLQ_DIST_RECORD"]), 0, {"rank": 0, "world": 1,
+                                                                    "layers": [0, num_layers - 1]})
     return out
 
 
@@ -63,6 +85,7 @@ def calibration_record(cfg: CalibConfig, samples, weights: list[dict], modalitie
         "samples": [{"id": s.id, "sha256": s.sha256} for s in samples],
         "token_stats": weight_statistics(weights, modalities),
         "importance": cfg.importance.__dict__, "exposure": cfg.method.exposure,
+        "damp": cfg.damp, "exposure_strength": cfg.exposure_strength,
     }
 
 

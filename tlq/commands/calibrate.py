@@ -26,7 +26,10 @@ def calibrate(
     seed: int = typer.Option(0, help="seed for every random choice"),
     device: str = typer.Option("cpu", help="compute device for the layer being calibrated: cpu or cuda"),
     act_order: bool = typer.Option(False, help="GPTQ act-order (writes g_idx)"),
-    damp: float = typer.Option(0.01, help="GPTQ damping (fraction of mean Hessian diagonal)"),
+    damp: Optional[float] = typer.Option(None, help="GPTQ damping, fraction of the mean Hessian diagonal "
+                                         "(default: the method's, 0.01; tlq 0.1)"),
+    exposure_strength: Optional[float] = typer.Option(None, help="share of the corrected-exposure shift applied, "
+                                                      "0..1 (default: the method's; tlq 0.5)"),
     importance: Optional[str] = typer.Option(None, help="override token weighting: uniform|modality|modality_prior|token"),
     exposure: Optional[str] = typer.Option(None, help="override exposure: fp|quantized|corrected"),
     max_tokens: Optional[int] = typer.Option(None, help="token-level calibration set: keep at most N tokens per layer"),
@@ -54,6 +57,7 @@ def calibrate(
     cfg = CalibConfig(
         model=model, out=out, method=spec, scheme=get_scheme(scheme).with_overrides(group_size, sym),
         calib=calib, max_samples=max_samples, seed=seed, device=device, act_order=act_order, damp=damp,
+        exposure_strength=exposure_strength,
         importance=ImportanceConfig(mode=spec.importance, max_tokens=max_tokens, drop_below=drop_below),
         overwrite=overwrite, resume=resume)
     if dry_run:

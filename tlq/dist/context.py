@@ -41,7 +41,8 @@ class DistConfig:
         fp_prefetch_mb: host memory a stage may spend on FP targets computed ahead (TLQ_FP_PREFETCH_MB; 0 = off).
         backend: gloo | nccl | auto: nccl when calibrating on CUDA, else gloo (TLQ_DIST_BACKEND).
         record_dir: if set (TLQ_DIST_RECORD), each rank writes rank<r>.json there at the end: the
-            tensor names it read from the safetensors files and its peak RSS (tests, benchmarks).
+            tensor names it read from the safetensors files, its peak RSS and its RSS at start
+            (tests, benchmarks; a single process writes rank0.json, calib/pipeline.py).
     """
 
     timeout_s: float = 1800.0

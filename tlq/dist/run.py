@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import resource
 import shutil
 import time
 import traceback
@@ -15,10 +13,11 @@ import torch
 import torch.distributed as dist
 
 from tlq.calib.assemble import check_group_size, decoder_linear_names
-from tlq.calib.capture import capture_inputs
+from tlq.calib.capture import capture_inputs, release_vision
 from tlq.calib.config import CalibConfig
 from tlq.calib.importance import integrate, uniform_weights
 from tlq.calib.layer_loop import WorkFolder
+from tlq.calib.memory import peak_rss_mb, rss_mark, start_of_calibration, trim_heap, write_memory_record
 from tlq.calib.pipeline import calibration_record, load_samples
 from tlq.dist.context import PeerLost, RankContext, init_rank
 from tlq.dist.exchange import all_agree, collect, mbq_gather, merge_weights, share_samples
@@ -73,6 +72,7 @@ def _fail(ctx: RankContext, exc: BaseException) -> None:
 
 def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | None:
     t0 = time.time()
+    start_of_calibration()
     source = open_source_model(cfg.model)
     check_output_dir(cfg.out, cfg.overwrite)
     check_group_size(source, cfg.scheme)
@@ -97,6 +97,7 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
         quantized, overrides, stats = packer(source.dtype)(_rtn_share(source, mine, cfg, record)), {}, []
     del model
     gc.collect()
+    trim_heap()
     ctx.watchdog.phase = "writing this rank's shard"
     tensors, layers = rank_tensors(source, set(mine.values()), quantized, overrides, record)
     del quantized, overrides
@@ -104,7 +105,7 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
     del tensors
     summary = {"rank": ctx.rank, "layers": [stage.start, stage.stop - 1], "stats": stats, "files": files,
                "quantized_layers": layers, "loaded_tensors": len(record.names),
-               "loaded_mb": round(record.nbytes / 2**20, 1), "peak_rss_mb": _peak_rss_mb(),
+               "loaded_mb": round(record.nbytes / 2**20, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                "seconds": round(time.time() - t0, 2),
                "weights": weights if cfg.method.needs_gradients else None}
     summaries = collect(ctx, summary)
@@ -133,6 +134,8 @@ def _calibrate_stage(ctx: RankContext, cfg: CalibConfig, source, model, mine: di
     if done > stage.start:
         log.info("rank %d resumes from %s: %d layer(s) done", ctx.rank, work.path, done - stage.start)
     weights, entry = _token_weights(ctx, model, source.adapter, stage, captured, cfg, work, progress)
+    trim_heap()
+    rss_mark("token weights")
     entry, targets = fp_prefetch(ctx, model, source.adapter, stage, captured, entry, cfg.device,
                                  ctx.settings.fp_prefetch_mb, done)
     loop = run_stage(ctx, model, source.adapter, captured, weights, cfg, work, done, stage, entry, targets,
@@ -151,7 +154,9 @@ def _capture(model, source, samples, progress: bool):
     from tlq.data.processing import encode_sample
     processor = source.load_processor()
     encoded = [(s.id, encode_sample(processor, s)) for s in samples]
-    return capture_inputs(model, source.adapter, encoded, progress=progress)
+    captured = capture_inputs(model, source.adapter, encoded, progress=progress)
+    release_vision(model, source.adapter)
+    return captured
 
 
 def _token_weights(ctx: RankContext, model, adapter, stage: range, captured, cfg: CalibConfig,
@@ -198,16 +203,11 @@ def _assemble(ctx: RankContext, cfg: CalibConfig, source, tmp: Path, summaries: 
                     cfg.act_order, calibration, report, cfg.overwrite)
 
 
-def _peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def _write_record(ctx: RankContext, stage: range, record: LoadRecord) -> None:
     """TLQ_DIST_RECORD: what this rank read and its peak memory (tests, benchmarks/multirank.py)."""
     folder = ctx.settings.record_dir
     if folder is None:
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {"rank": ctx.rank, "world": ctx.world, "layers": [stage.start, stage.stop - 1],
-            "loaded": sorted(record.names), "loaded_bytes": record.nbytes, "peak_rss_mb": _peak_rss_mb()}
-    (folder / f"rank{ctx.rank}.json").write_text(json.dumps(data, indent=1))
+    write_memory_record(folder, ctx.rank, {"rank": ctx.rank, "world": ctx.world,
+                                           "layers": [stage.start, stage.stop - 1],
+                                           "loaded": sorted(record.names), "loaded_bytes": record.nbytes})

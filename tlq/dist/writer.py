@@ -22,6 +22,8 @@ from tlq.calib.assemble import quantization_config
 from tlq.dist.stage_model import LoadRecord, read_tensors
 from tlq.format.checkpoint import (
     INDEX,
+    CheckpointContent,
+    check_output_dir,
     copy_model_files,
     finish_folder,
     layer_entry,
@@ -29,13 +31,16 @@ from tlq.format.checkpoint import (
     sha256_file,
     shard_tensors,
     swap_into_place,
-    check_output_dir,
+    write_checkpoint,
     write_json_atomic,
 )
+from tlq.format.packing import RUN
 from tlq.model_io import SourceModel
 from tlq.quant.qparams import QuantizedWeight
 
-
+# Codes packed at a time: tlq.format.packing.pack holds ~64 bytes of int64 scratch per code, so a
+# whole linear at once costs 64x its weight count (185 MiB for one 2816 x 1024 down_proj).
+PACK_CHUNK = 1 << 20
 
 def temp_folder(out: Path, run_id: str) -> Path:
     out = Path(out).resolve()
@@ -51,11 +56,44 @@ class PackedLinear:
 
 
 def packer(scale_dtype: torch.dtype):
-    """`run_layer_loop(keep=)`: pack each layer as soon as it is calibrated, so a stage holds
-    int4 codes (0.5 byte per weight) instead of int32 ones (4 bytes) until it writes its shard."""
+    """`run_layer_loop(keep=)`: pack each layer as soon as it is calibrated, so a process holds
+    int4 codes (0.5 byte per weight) instead of int32 ones (4 bytes) until it writes."""
     def pack(quantized: dict[str, QuantizedWeight]) -> dict[str, PackedLinear]:
-        return {name: PackedLinear(pack_linear(qw, scale_dtype), layer_entry(qw)) for name, qw in quantized.items()}
+        return {name: PackedLinear(pack_rows(qw, scale_dtype), layer_entry(qw)) for name, qw in quantized.items()}
     return pack
+
+
+def pack_rows(qw: QuantizedWeight, scale_dtype: torch.dtype, chunk: int = PACK_CHUNK) -> dict[str, torch.Tensor]:
+    """`pack_linear`, a block of output rows at a time (bounded scratch), same tensors: every
+    stored tensor is [*, N] with output rows as columns; blocks of a multiple of RUN rows keep
+    qzeros' words (packed along N) whole."""
+    n, k = qw.shape
+    rows = max(RUN, chunk // max(k, 1) // RUN * RUN)
+    if rows >= n:
+        return pack_linear(qw, scale_dtype)
+    cut = lambda t, a: None if t is None else t[a:a + rows]
+    parts = [pack_linear(QuantizedWeight(qw.codes[a:a + rows], qw.scales[a:a + rows], cut(qw.zeros, a), qw.bits,
+                                         qw.group_size, qw.g_idx), scale_dtype) for a in range(0, n, rows)]
+    return {key: parts[0][key] if key == "g_idx" else torch.cat([p[key] for p in parts], dim=1)
+            for key in parts[0]}
+
+
+def checkpoint_config(source: SourceModel, scheme, method: str, act_order: bool) -> dict:
+    """The source's config.json with the quantization_config of this checkpoint."""
+    config = copy.deepcopy(source.config)
+    config["quantization_config"] = quantization_config(scheme, method, act_order, source.adapter.ignore)
+    return config
+
+
+def write_packed_model(source: SourceModel, out: Path, scheme, method: str, packed: dict[str, PackedLinear],
+                       float_overrides: dict[str, torch.Tensor], calibration: dict, report: dict, act_order: bool,
+                       overwrite: bool) -> Path:
+    """One process's checkpoint from layers packed as they finished (calib/pipeline.py): the
+    float tensors are read again from disk, so the model need not be in memory meanwhile."""
+    tensors, layers = rank_tensors(source, set(source.tensor_shapes()), packed, float_overrides, LoadRecord())
+    content = CheckpointContent(tensors, checkpoint_config(source, scheme, method, act_order), layers, calibration,
+                                report)
+    return write_checkpoint(out, source.path, content, overwrite=overwrite)
 
 
 def rank_tensors(source: SourceModel, disk_names: set[str], packed: dict[str, PackedLinear],
@@ -102,9 +140,7 @@ def finalize(tmp: Path, out: Path, source: SourceModel, shards: list[list[dict]]
     write_json_atomic(tmp / INDEX, {"metadata": {}, "weight_map": weight_map})
     files[INDEX] = sha256_file(tmp / INDEX)
     copy_model_files(source.path, tmp)
-    config = copy.deepcopy(source.config)
-    config["quantization_config"] = quantization_config(scheme, method, act_order, source.adapter.ignore)
-    finish_folder(tmp, files, config, layers, calibration, report)
+    finish_folder(tmp, files, checkpoint_config(source, scheme, method, act_order), layers, calibration, report)
     check_output_dir(out, overwrite)
     swap_into_place(tmp, out)
     return out
