@@ -91,7 +91,7 @@ def act_order_weight(w: torch.Tensor, bits: int, group: int, sym: bool, perm: to
 
 
 def build_act_order(src: Path, out: Path, case: Case) -> Path:
-    from tlq.calib.assemble import decoder_linear_names, write_quantized_model
+    from tlq.calib.assemble import decoder_linear_names, packer, write_quantized_model
     from tlq.model_io import open_source_model
     scheme = case.spec()
     source = open_source_model(src)
@@ -105,7 +105,8 @@ def build_act_order(src: Path, out: Path, case: Case) -> Path:
         perms.setdefault(key, torch.randperm(w.shape[1], generator=gen))
         quantized[n] = act_order_weight(w, scheme.bits, scheme.group_size, scheme.symmetric, perms[key],
                                         source.dtype)
-    return write_quantized_model(source, out, scheme, "rtn", quantized, {}, {"method": "rtn", "samples": []},
+    return write_quantized_model(source, out, scheme, "rtn", packer(source.dtype)(quantized), {},
+                                 {"method": "rtn", "samples": []},
                                  None, act_order=True, overwrite=True)
 
 

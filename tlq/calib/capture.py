@@ -116,3 +116,14 @@ def release_vision(model, adapter: ModelAdapter) -> None:
                 if p is not None:
                     module._parameters[key] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
     trim_heap()
+
+
+def capture_samples(model, source, samples, progress: bool = True) -> list[CapturedSample]:
+    """Encode `samples` with the model folder's processor, capture the language model's inputs
+    once, then drop the vision tower (one process and rank 0 of tlq/dist alike)."""
+    from tlq.data.processing import encode_sample
+    processor = source.load_processor()
+    encoded = [(s.id, encode_sample(processor, s)) for s in samples]
+    captured = capture_inputs(model, source.adapter, encoded, progress=progress)
+    release_vision(model, source.adapter)
+    return captured

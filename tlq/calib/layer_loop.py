@@ -112,7 +112,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
     `start_streams` = (h_q, h_fp) lets a pipeline stage start from another rank's outputs;
     `fp_targets` (layer -> y_fp per sample, consumed) are FP outputs a pipeline stage computed
     ahead while earlier stages were still calibrating (tlq/dist); `keep` maps each layer's
-    quantized weights to what the result holds (`tlq.dist.writer.packer`: 8x less memory than int32 codes).
+    quantized weights to what the result holds (`tlq.calib.assemble.packer`: 8x less memory than int32 codes).
     """
     keep = keep or (lambda quantized: quantized)
     layers = adapter.layers(model)

@@ -24,6 +24,7 @@ Stages are the ones a run would use (tlq/dist/plan.py). Per rank, with S = token
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
         hess = k_max * k_max * 4 * (6 if corrected else 3) + n_out * k_max * 4 * 3
         layer = max(per_layer[i] for i in stage)
         layer_work = acts + hess + layer * (2 if corrected else 1) if method.needs_data else n_out * k_max * 4
-        # packed as each layer finishes (tlq/dist/writer.py `packer`), one layer's int32 codes meanwhile
+        # packed as each layer finishes (tlq/calib/assemble.py `packer`), one layer's int32 codes meanwhile
         results = sum(packed.get(i, 0) for i in stage) + max(codes.get(i, 0) for i in stage)
         in_flight = graph = 0
         if method.needs_gradients:
@@ -227,7 +228,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-_LIBC: list = []
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def trim_heap() -> None:
@@ -235,14 +242,9 @@ def trim_heap() -> None:
 
     Peak RSS counts freed-but-kept heap: without this, what one layer's solver freed stays
     resident, fragmented, under the next layer's peak (measured ~40 MiB per layer, medium fixture)."""
-    if not _LIBC:
-        import ctypes
-        try:
-            _LIBC.append(ctypes.CDLL(None).malloc_trim)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 # glibc's mallopt(M_MMAP_THRESHOLD): blocks at least this large get their own mapping, which goes

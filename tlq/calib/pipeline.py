@@ -17,13 +17,18 @@ from pathlib import Path
 
 import torch
 
-from tlq.calib.assemble import check_group_size, decoder_linear_names, write_quantized_model
-from tlq.calib.capture import capture_inputs, release_vision
+from tlq.calib.assemble import (
+    PackedLinear,
+    check_group_size,
+    decoder_linear_names,
+    packer,
+    write_quantized_model,
+)
+from tlq.calib.capture import capture_samples
 from tlq.calib.config import CalibConfig
 from tlq.calib.importance import integrate, token_gradients, uniform_weights, weight_statistics
 from tlq.calib.layer_loop import WorkFolder, run_layer_loop
 from tlq.calib.memory import rss_mark, start_of_calibration, trim_heap, write_memory_record
-from tlq.dist.writer import packer, write_packed_model
 from tlq.format.checkpoint import check_output_dir
 from tlq.model_io import SourceModel, open_source_model
 from tlq.quant.qparams import quantize_rtn
@@ -43,12 +48,7 @@ def calibrate(cfg: CalibConfig, progress: bool = True) -> Path:
         return _rtn(source, cfg, t0)
     samples = load_samples(cfg)  # every line is checked before any model work starts
     model = source.load_hf_model()
-    processor = source.load_processor()
-    from tlq.data.processing import encode_sample
-    encoded = [(s.id, encode_sample(processor, s)) for s in samples]
-    captured = capture_inputs(model, source.adapter, encoded, progress=progress)
-    release_vision(model, source.adapter)
-    del encoded
+    captured = capture_samples(model, source, samples, progress)
     rss_mark("captured")
     work = WorkFolder(cfg.work_dir, cfg.run_key())
     done = work.open(cfg.resume)
@@ -61,13 +61,13 @@ def calibrate(cfg: CalibConfig, progress: bool = True) -> Path:
     loop = run_layer_loop(model, source.adapter, captured, weights, cfg, work, done, progress=progress,
                           keep=packer(source.dtype))
     calibration = calibration_record(cfg, samples, weights, [s.modality for s in captured])
-    del model, captured, weights, processor
+    del model, captured, weights
     loop.final_streams = None
     trim_heap()
     report = {"layers": loop.layer_stats, "total_seconds": round(time.time() - t0, 2),
               "method": cfg.method.name, "scheme": cfg.scheme.name}
-    out = write_packed_model(source, cfg.out, cfg.scheme, cfg.method.name, loop.quantized, loop.float_overrides,
-                             calibration, report, cfg.act_order, cfg.overwrite)
+    out = write_quantized_model(source, cfg.out, cfg.scheme, cfg.method.name, loop.quantized, loop.float_overrides,
+                                calibration, report, cfg.act_order, cfg.overwrite)
     rss_mark("written")
     shutil.rmtree(cfg.work_dir, ignore_errors=True)
     if os.environ.get("TLQ_DIST_RECORD"):  # as each rank of tlq/dist does (benchmarks/multirank.py)
@@ -106,12 +106,19 @@ def token_weights(model, source: SourceModel, captured, cfg: CalibConfig, work: 
     return integrate(raw, [s.modality for s in captured], cfg.importance)
 
 
+def rtn_packed(source: SourceModel, names: list[str], scheme, read=None) -> dict[str, PackedLinear]:
+    """RTN needs no data and no model instance: quantize the linears `names` straight from the
+    safetensors (`read`, default `source.load_state_dict`), packing each one at once."""
+    weights = (read or source.load_state_dict)({f"{n}.weight" for n in names})
+    pack, packed = packer(source.dtype), {}
+    for n in names:
+        w = weights.pop(f"{n}.weight").float()
+        packed.update(pack({n: quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, source.dtype)}))
+    return packed
+
+
 def _rtn(source: SourceModel, cfg: CalibConfig, t0: float) -> Path:
-    """RTN needs no data and no model instance: quantize straight from the safetensors."""
-    names = decoder_linear_names(source)
-    weights = source.load_state_dict({f"{n}.weight" for n in names})
-    quantized = {n: quantize_rtn(weights[f"{n}.weight"].float(), cfg.scheme.bits, cfg.scheme.group_size,
-                                 cfg.scheme.symmetric, source.dtype) for n in names}
+    quantized = rtn_packed(source, decoder_linear_names(source), cfg.scheme)
     calibration = {"method": "rtn", "scheme": cfg.scheme.name, "seed": cfg.seed, "samples": [],
                    "source_model": str(source.path.resolve())}
     report = {"layers": [], "total_seconds": round(time.time() - t0, 2), "method": "rtn", "scheme": cfg.scheme.name}

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tlq.calib.assemble import check_group_size, decoder_linear_names
-from tlq.calib.capture import capture_inputs, release_vision
+from tlq.calib.assemble import check_group_size, decoder_linear_names, packer, stored_tensors
+from tlq.calib.capture import capture_samples
 from tlq.calib.config import CalibConfig
 from tlq.calib.importance import integrate, uniform_weights
 from tlq.calib.layer_loop import WorkFolder
 from tlq.calib.memory import peak_rss_mb, rss_mark, start_of_calibration, trim_heap, write_memory_record
-from tlq.calib.pipeline import calibration_record, load_samples
+from tlq.calib.pipeline import calibration_record, load_samples, rtn_packed
 from tlq.dist.context import PeerLost, RankContext, init_rank
 from tlq.dist.exchange import all_agree, collect, mbq_gather, merge_weights, share_samples
 from tlq.dist.gradients import pipeline_gradients
@@ -26,11 +26,10 @@ from tlq.dist.plan import plan_stages, tensor_bytes
 from tlq.dist.stage_loop import fp_prefetch, run_stage
 from tlq.dist.stage_model import LoadRecord, build_skeleton, materialize, read_tensors, share
 from tlq.dist.watchdog import ABORT_EXIT
-from tlq.dist.writer import finalize, packer, rank_tensors, remove_own_shards, temp_folder, write_shards
+from tlq.dist.writer import finalize, remove_own_shards, temp_folder, write_shards
 from tlq.errors import TLQError
 from tlq.format.checkpoint import check_output_dir
 from tlq.model_io import open_source_model
-from tlq.quant.qparams import quantize_rtn
 
 log = logging.getLogger("tlq.calibrate")
 
@@ -94,12 +93,13 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
         quantized, overrides, stats, weights, modalities = _calibrate_stage(ctx, cfg, source, model, mine, stage,
                                                                             samples, record, progress)
     else:
-        quantized, overrides, stats = packer(source.dtype)(_rtn_share(source, mine, cfg, record)), {}, []
+        quantized, overrides, stats = _rtn_share(source, mine, cfg, record), {}, []
     del model
     gc.collect()
     trim_heap()
     ctx.watchdog.phase = "writing this rank's shard"
-    tensors, layers = rank_tensors(source, set(mine.values()), quantized, overrides, record)
+    tensors, layers = stored_tensors(source, set(mine.values()), quantized, overrides,
+                                     read=lambda names: read_tensors(source, names, record))
     del quantized, overrides
     files = write_shards(tmp, ctx.rank, tensors)
     del tensors
@@ -127,7 +127,7 @@ def _calibrate_stage(ctx: RankContext, cfg: CalibConfig, source, model, mine: di
     """Load this rank's tensors, capture (rank 0), token weights, FP targets ahead, layer loop."""
     ctx.watchdog.phase = "loading this rank's weights"
     materialize(model, source, mine, record)
-    captured = share_samples(ctx, _capture(model, source, samples, progress) if ctx.is_first else None)
+    captured = share_samples(ctx, capture_samples(model, source, samples, progress) if ctx.is_first else None)
     key = {**cfg.run_key(), "rank": ctx.rank, "world": ctx.world, "layers": [stage.start, stage.stop]}
     work = WorkFolder(rank_work_dir(cfg, ctx.rank, ctx.world), key)
     done = max(work.open(cfg.resume), stage.start)
@@ -150,15 +150,6 @@ def _run_id(ctx: RankContext) -> str:
     return ctx.store.get("run_id").decode()
 
 
-def _capture(model, source, samples, progress: bool):
-    from tlq.data.processing import encode_sample
-    processor = source.load_processor()
-    encoded = [(s.id, encode_sample(processor, s)) for s in samples]
-    captured = capture_inputs(model, source.adapter, encoded, progress=progress)
-    release_vision(model, source.adapter)
-    return captured
-
-
 def _token_weights(ctx: RankContext, model, adapter, stage: range, captured, cfg: CalibConfig,
                    work: WorkFolder, progress: bool):
     """This rank's token weights (all layers' keys for uniform ones) and, when the gradient pass
@@ -178,10 +169,7 @@ def _rtn_share(source, mine: dict[str, str], cfg: CalibConfig, record: LoadRecor
     """RTN needs no data: quantize this rank's linears straight from the safetensors files."""
     owned = set(mine.values())
     names = [n for n in decoder_linear_names(source) if f"{n}.weight" in owned]
-    weights = read_tensors(source, {f"{n}.weight" for n in names}, record)
-    s = cfg.scheme
-    return {n: quantize_rtn(weights.pop(f"{n}.weight").float(), s.bits, s.group_size, s.symmetric, source.dtype)
-            for n in names}
+    return rtn_packed(source, names, cfg.scheme, read=lambda disk: read_tensors(source, disk, record))
 
 
 def _assemble(ctx: RankContext, cfg: CalibConfig, source, tmp: Path, summaries: list[dict], samples, weights,

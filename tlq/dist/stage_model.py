@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from tlq.adapters import get_submodule
@@ -99,14 +98,10 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def read_tensors(source: SourceModel, disk: set[str], record: LoadRecord) -> dict[str, torch.Tensor]:
-    """Only the named tensors, file by file (headers of the others are read, no data)."""
-    out = {}
-    for f in source.weight_files():
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                if key in disk:
-                    out[key] = st.get_tensor(key)
-                    record.add(key, out[key])
+    """Only the named tensors (headers of the others are read, no data), recorded in `record`."""
+    out = source.load_state_dict(disk)
+    for key, tensor in out.items():
+        record.add(key, tensor)
     return out
 
 

@@ -1,11 +1,11 @@
-"""`pack_rows` (tlq/dist/writer.py): packing a linear a block of rows at a time stores exactly the
+"""`pack_rows` (tlq/calib/assemble.py): packing a linear a block of rows at a time stores exactly the
 tensors `pack_linear` stores at once, for every layout the format has."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tlq.dist.writer import pack_rows
+from tlq.calib.assemble import pack_rows
 from tlq.format.checkpoint import pack_linear
 from tlq.quant.qparams import quantize_rtn
 
