@@ -26,6 +26,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks.fixtures import train as training
+from benchmarks.fixtures.outliers import PRESETS as OUTLIER_PRESETS
+from benchmarks.fixtures.outliers import ensure_outlier_model
 from benchmarks.quality_lib import grid, report
 from benchmarks.quality_lib.evaluate import build_eval_set, load_for_eval, run_eval, summarize
 from benchmarks.quality_lib.runner import RunLog, RunOptions, options_key, run_cell
@@ -52,6 +54,9 @@ def parse_args(argv):
     p.add_argument("--jobs", type=int, default=1, help="models evaluated in parallel processes (1 thread each)")
     p.add_argument("--calib-samples", type=int, default=32, help="samples drawn from the pool per seed")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N questions of the split")
+    p.add_argument("--outliers", default="default", choices=list(OUTLIER_PRESETS),
+                   help="outlier channels added to the trained models (exact re-parametrisation, "
+                        "benchmarks/fixtures/outliers.py); none: the plain trained models")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the RTN g64 fixture check")
     p.add_argument("--cache", type=Path, default=None, help="trained-model cache root (default $TLQ_CACHE/trained)")
     args = p.parse_args(argv)
@@ -74,6 +79,8 @@ def _say(msg: str) -> None:
 def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
     """(FP summary, sensitivity summaries, test size, eval set) of one model; grid cells go to `log`."""
     model_dir = training.ensure_trained(training.default_config(arch), args.cache, log=_say)
+    if OUTLIER_PRESETS[args.outliers] is not None:
+        model_dir = ensure_outlier_model(model_dir, OUTLIER_PRESETS[args.outliers])
     fp_model, processor = load_for_eval(model_dir, quantized=False)
     evalset = build_eval_set(processor, data / f"{opts.split}.jsonl", limit=opts.test_limit)
     fp_results, reference = run_eval(fp_model, evalset)
@@ -102,11 +109,16 @@ def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
     return fp_summary, sens, len(evalset.items), evalset
 
 
+def _outlier_key(args) -> str | None:
+    cfg = OUTLIER_PRESETS[args.outliers]
+    return None if cfg is None else cfg.key
+
+
 def run_model(arch: str, args) -> dict:
     """Everything for one model (a worker process with --jobs > 1); returns what the report needs."""
     torch.set_num_threads(1)
     opts = RunOptions(calib_samples=args.calib_samples, test_limit=args.test_limit, seeds=tuple(args.seeds),
-                      split=args.split)
+                      split=args.split, outliers=_outlier_key(args))
     data = training.ensure_data(training.default_config(arch).task, args.cache)
     log = RunLog(args.out / f"results-{arch}.jsonl")
     fp, sens, n, evalset = evaluate_model(arch, args, data, opts, log)
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     sens = {o["arch"]: o["sens"] for o in outputs if o["sens"]}
     table = report.aggregate([r for o in outputs for r in o["records"]], fp)
     pool_file = outputs[0]["pool"]
-    meta = {"mode": args.mode, "split": args.split, "calib_samples": args.calib_samples, "seeds": list(args.seeds),
+    meta = {"mode": args.mode, "split": args.split, "outliers": _outlier_key(args), "calib_samples": args.calib_samples, "seeds": list(args.seeds),
             "pool_size": sum(1 for ln in pool_file.read_text().splitlines() if ln.strip()),
             "settings": args.settings, "methods": args.methods, "ablation_settings": args.ablation_settings,
             "minutes": round((time.time() - t0) / 60, 1), "jobs": args.jobs, "torch_threads": 1,

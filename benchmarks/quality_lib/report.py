@@ -105,18 +105,24 @@ def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict) -> str
              "mean ± std over seeds (RTN uses no data: one run). "
              f"Grid cells took {meta.get('cell_minutes', '?')} min of calibration + evaluation in all "
              f"(this invocation: {meta.get('minutes', '?')} min wall, {meta.get('jobs', 1)} process(es), 1 thread each; "
-             "cells finished earlier are reused from results-*.jsonl).")
+             "cells finished earlier are reused from results-*.jsonl). "
+             + (f"Models: the trained fixtures with outlier channels {meta['outliers']} "
+                "(benchmarks/fixtures/outliers.py)." if meta.get("outliers") else
+                "Models: the plain trained fixtures (--outliers none)."))
     lines = [f"# TLQ quality benchmark ({meta.get('mode', 'full')} run, {meta.get('split', 'test')} split)", "", intro, ""]
     if sens:
-        lines += ["## Fixture sensitivity (RTN, group size 64)", "",
-                  "| model | FP acc | W4 g64 drop | W3 g64 drop | W2 g64 drop | KL W4 / W3 / W2 (x1e-3) | targets (<=1 / >=3 / >=10) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["## Fixture sensitivity (RTN, group size 64, asymmetric)", "",
+                  "| model | FP acc | W4 g64 drop | W3 g64 drop | W2 g64 drop | KL W4 / W3 / W2 (x1e-3) | "
+                  "targets (<=1 / >=3 / >=10) | W4 g64 symmetric: drop, KL (not judged) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        nan = float("nan")
         for r in sens:
             d, k = r["drop"], r["kl"]
-            lines.append(f"| {r['model']} | {r['fp_accuracy']:.1f} | {d.get('w4a16', float('nan')):.1f} | "
-                         f"{d.get('w3a16', float('nan')):.1f} | {d.get('w2a16', float('nan')):.1f} | "
+            lines.append(f"| {r['model']} | {r['fp_accuracy']:.1f} | {d.get('w4a16', nan):.1f} | "
+                         f"{d.get('w3a16', nan):.1f} | {d.get('w2a16', nan):.1f} | "
                          f"{' / '.join(f'{1e3 * k[n]:.1f}' for n in ('w4a16', 'w3a16', 'w2a16') if n in k)} | "
-                         f"{'met' if r['meets_targets'] else 'NOT met'} |")
+                         f"{'met' if r['meets_targets'] else 'NOT met'} | "
+                         f"{d.get('w4a16-sym', nan):.1f}, {1e3 * k.get('w4a16-sym', nan):.1f} |")
         lines.append("")
     types = [t for t in TYPES if any(t in m for s in table.values() for ms in s.values() for m in ms.values())]
     head = "| Setting | Method | " + " | ".join(types) + " | Image | Text | Avg | Rec. % | KL |"

@@ -25,12 +25,15 @@ class RunOptions:
         test_limit: evaluate on the first N questions of the split (None = all).
         seeds: calibration seeds (each draws its own subset of the pool).
         split: evaluation split: "test" (the reported tables) or "val" (choosing method settings).
+        outliers: key of the fixture's outlier re-parametrisation (benchmarks/fixtures/outliers.py),
+            None for the plain trained model.
     """
 
     calib_samples: int = 32
     test_limit: int | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     split: str = "test"
+    outliers: str | None = None
 
 
 class RunLog:
@@ -56,7 +59,8 @@ class RunLog:
 
 
 def options_key(opts: RunOptions) -> str:
-    return f"calib{opts.calib_samples}-{opts.split}{opts.test_limit or 'all'}"
+    plain = f"calib{opts.calib_samples}-{opts.split}{opts.test_limit or 'all'}"
+    return plain if opts.outliers is None else f"{plain}-outliers-{opts.outliers}"
 
 
 def calibration_file(pool: Path, work: Path, n: int, seed: int) -> Path:

@@ -120,3 +120,19 @@ def test_clipping_ignores_zero_weight_tokens():
     X2 = torch.cat([X, 100 * torch.randn(50, 64, generator=gen(13))])
     w2 = torch.cat([torch.ones(200), torch.zeros(50)])
     assert torch.equal(search_clip_ratios(W, X2, W3G32, BF16, w=w2), base)
+
+
+@pytest.mark.parametrize("T,K", [(384, 128), (96, 128)], ids=["hessian-path", "token-path"])
+def test_chosen_scale_is_the_grid_argmin_of_the_direct_loss(T, K):
+    """Weight-only MSE uses tr(E H E^T) when tokens outnumber inputs; the pick must match the direct loss."""
+    X, Ws = outlier_inputs(T, K, seed=4, factor=6.0), linears(K, seed=4)
+    w = 0.2 + torch.rand(T, generator=gen(11))
+    n_grid = 10
+    s = search_input_scales(Ws, X, W3G32, BF16, w=w, n_grid=n_grid)
+    stat = (w[:, None] / w.sum() * X.abs()).sum(0)
+    candidates = []
+    for step in range(n_grid):
+        c = stat.pow(step / n_grid).clamp(min=1e-4)
+        candidates.append(c / (c.max() * c.min()).sqrt())
+    losses = [scaled_loss(Ws, X, c, W3G32, w) for c in candidates]
+    assert torch.allclose(s, candidates[losses.index(min(losses))])

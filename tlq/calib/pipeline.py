@@ -85,7 +85,7 @@ def calibration_record(cfg: CalibConfig, samples, weights: list[dict], modalitie
         "samples": [{"id": s.id, "sha256": s.sha256} for s in samples],
         "token_stats": weight_statistics(weights, modalities),
         "importance": cfg.importance.__dict__, "exposure": cfg.method.exposure,
-        "damp": cfg.damp, "exposure_strength": cfg.exposure_strength,
+        "input_scaling": cfg.method.input_scaling, "act_order": cfg.act_order, "damp": cfg.damp, "exposure_strength": cfg.exposure_strength,
     }
 
 

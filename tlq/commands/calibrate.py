@@ -32,6 +32,8 @@ def calibrate(
                                                       "0..1 (default: the method's; tlq 0.5)"),
     importance: Optional[str] = typer.Option(None, help="override token weighting: uniform|modality|modality_prior|token"),
     exposure: Optional[str] = typer.Option(None, help="override exposure: fp|quantized|corrected"),
+    input_scaling: Optional[str] = typer.Option(None, help="override input scaling: none|awq|smoothquant|auto "
+                                                "(auto: awq where activations are quantized)"),
     max_tokens: Optional[int] = typer.Option(None, help="token-level calibration set: keep at most N tokens per layer"),
     drop_below: float = typer.Option(0.0, help="token-level calibration set: drop tokens with weight below this"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
@@ -48,6 +50,8 @@ def calibrate(
         overrides["importance"] = importance
     if exposure is not None:
         overrides["exposure"] = exposure
+    if input_scaling is not None:
+        overrides["input_scaling"] = input_scaling
     if overrides:
         spec = dataclasses.replace(spec, **overrides)
     if device.startswith("cuda"):

@@ -31,18 +31,22 @@ def pack(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
         raise ValueError("pack expects a 2-D tensor")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits} bits")
-    x = codes.to(torch.int64)
     if dim == 1:
-        return pack(x.t(), bits, 0).t().contiguous()
+        return pack(codes.t(), bits, 0).t().contiguous()
+    x = codes.to(torch.int32)
     length, cols = x.shape
     padded = -(-length // RUN) * RUN
     if padded != length:
         x = torch.cat([x, x.new_zeros(padded - length, cols)])
-    runs = x.reshape(padded // RUN, RUN, 1, cols)
-    bit_idx = torch.arange(bits, dtype=torch.int64).reshape(1, 1, bits, 1)
-    bitstream = ((runs >> bit_idx) & 1).reshape(padded // RUN, bits, RUN, cols)  # [run, word, bit, col]
-    weights = (torch.ones(1, dtype=torch.int64) << torch.arange(RUN, dtype=torch.int64)).reshape(1, 1, RUN, 1)
-    words = (bitstream * weights).sum(2).reshape(padded // RUN * bits, cols)
+    runs = x.reshape(padded // RUN, RUN, cols)
+    # bit `b` of code `c` is bit number f = c * bits + b of the run's stream: word f // 32,
+    # position f % 32. One OR per stream bit keeps the scratch at one int64 per output word.
+    words = torch.zeros(padded // RUN, bits, cols, dtype=torch.int64)
+    for f in range(RUN * bits):
+        code, bit = divmod(f, bits)
+        word, position = divmod(f, RUN)
+        words[:, word] |= ((runs[:, code] >> bit) & 1).to(torch.int64) << position
+    words = words.reshape(padded // RUN * bits, cols)
     words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
     return words.to(torch.int32).contiguous()
 

@@ -58,22 +58,29 @@ def search_input_scales(Ws: list[torch.Tensor], X: torch.Tensor, scheme: QuantSc
         raise TLQError(f"unknown scale-search loss {loss!r}; use 'mse' (AWQ) or 'mae' (MBQ)")
     X, w = _calibration_tokens(X, w, max_tokens, seed)
     Ws = [W.float().to(X.device) for W in Ws]
-    Y = [X @ W.T for W in Ws]
     n_out = sum(W.shape[0] for W in Ws)
     stat = (w[:, None] * X.abs()).sum(0)
+    # Weight-only MSE is a quadratic form: sum_t w_t |E x_t|^2 = tr(E H E^T) with H = X^T diag(w) X
+    # and E = W - Q(W s)/s, so with more tokens than inputs the K x K Hessian is the cheaper product.
+    H = (X * w[:, None]).T @ X if (not act_quant and loss == "mse" and X.shape[1] < X.shape[0]) else None
+    Y = None if H is not None else [X @ W.T for W in Ws]
 
     best_loss, best_s = float("inf"), None
     for step in range(n_grid):
         s = stat.pow(step / n_grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        Xs = X / s
-        if act_quant:
-            Xs = quantize_activations_int8(Xs)
-        per_token = torch.zeros_like(w)
-        for W, Yw in zip(Ws, Y):
-            diff = Yw - Xs @ _rtn_dequant(W * s, scheme, scale_dtype).T
-            per_token += (diff.square() if loss == "mse" else diff.abs()).sum(1)
-        cur = float((w * per_token).sum() / n_out)
+        if H is not None:
+            errors = [W - _rtn_dequant(W * s, scheme, scale_dtype) / s for W in Ws]
+            cur = float(sum(((E @ H) * E).sum() for E in errors) / n_out)
+        else:
+            Xs = X / s
+            if act_quant:
+                Xs = quantize_activations_int8(Xs)
+            per_token = torch.zeros_like(w)
+            for W, Yw in zip(Ws, Y):
+                diff = Yw - Xs @ _rtn_dequant(W * s, scheme, scale_dtype).T
+                per_token += (diff.square() if loss == "mse" else diff.abs()).sum(1)
+            cur = float((w * per_token).sum() / n_out)
         if cur < best_loss:
             best_loss, best_s = cur, s
     return best_s

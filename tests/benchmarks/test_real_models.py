@@ -1,0 +1,262 @@
+"""benchmarks/real_models.py: results parsing and the table without a server; one real cell end to end.
+
+The end-to-end test runs `python -m benchmarks.real_models` for exactly one cell (rtn, w4a16) on the
+tiny Qwen2-VL: a real calibration and a real vLLM server (30-90 s to start on a CPU), and a stub
+`lmms_eval` package, put first on PYTHONPATH, that parses lmms-eval's arguments, sends one image
+question to the endpoint through the openai client and writes a results file in lmms-eval's layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from argparse import Namespace
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # the repository root holds `benchmarks`
+
+from benchmarks import real_models as rm
+from tlq.errors import TLQError
+
+STARTUP_S = 600
+
+STUB_MAIN = '''
+"""Stand-in for `python -m lmms_eval --model openai_compatible`: one real request, lmms-eval's output layout."""
+import argparse, base64, io, json, os, sys, time
+from pathlib import Path
+
+p = argparse.ArgumentParser()
+for name in ("--model", "--model_args", "--tasks", "--batch_size", "--output_path"):
+    p.add_argument(name, required=True)
+p.add_argument("--limit", type=float)
+p.add_argument("--log_samples", action="store_true")
+p.add_argument("--fail", action="store_true")
+a = p.parse_args()
+if a.fail:
+    print("stub: failing as asked", flush=True)
+    sys.exit(3)
+assert a.model == "openai_compatible", a.model
+model = dict(kv.split("=", 1) for kv in a.model_args.split(","))["model_version"]
+
+from openai import OpenAI
+from PIL import Image
+
+buf = io.BytesIO()
+Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="PNG")
+url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+client = OpenAI(base_url=os.environ["OPENAI_API_BASE"], api_key=os.environ["OPENAI_API_KEY"],
+                max_retries=0, timeout=300)
+r = client.chat.completions.create(model=model, max_tokens=8, temperature=0.0, messages=[{"role": "user", "content": [
+    {"type": "text", "text": "What colour is the square?"}, {"type": "image_url", "image_url": {"url": url}}]}])
+reply = r.choices[0].message.content or ""
+score = 1.0 if reply.strip() else 0.0
+out = Path(a.output_path)
+(out / model).mkdir(parents=True, exist_ok=True)  # lmms-eval: <output_path>/<sanitized model>/<date>_results.json
+results = {t: {"alias": t, "exact_match_stderr,none": 0.0, "exact_match,none": score} for t in a.tasks.split(",")}
+stamp = time.strftime("%Y%m%d_%H%M%S")
+(out / model / f"{stamp}_results.json").write_text(json.dumps({"results": results, "config": {"model": a.model}}))
+(out / "stub_call.json").write_text(json.dumps({
+    "argv": sys.argv[1:], "model": r.model, "reply": reply, "score": score,
+    "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens}))
+'''
+
+
+def write_stub(root: Path) -> Path:
+    pkg = root / "lmms_eval"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(textwrap.dedent(STUB_MAIN))
+    return root
+
+
+def _write_results(path: Path, results: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results}))
+    return path
+
+
+# -- fast: no server ----------------------------------------------------------------------------------
+def test_parse_results_nested_file_skips_stderr_and_alias(tmp_path):
+    old = _write_results(tmp_path / "tlq-eval" / "2024-01-01T00-00-00_results.json",
+                         {"ocrbench": {"alias": "ocrbench", "ocrbench_accuracy,none": 0.1}})
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    new = _write_results(tmp_path / "tlq-eval" / "deeper" / "2024-01-02T00-00-00_results.json", {
+        "ocrbench": {"alias": "ocrbench", "ocrbench_accuracy_stderr,none": 0.01, "ocrbench_accuracy,none": 0.42},
+        "mmmu_val": {"alias": "mmmu_val", "flag": True, "mmmu_acc,none": 0.35, "submission,none": 7}})
+    (tmp_path / "tlq-eval" / "2024-01-02T00-00-00_samples_ocrbench.jsonl").write_text("{}\n")
+    found = rm.newest_results_file(tmp_path)
+    assert found == new
+    got = rm.parse_results(found, ["ocrbench", "mmmu_val"])
+    assert got == {"ocrbench": {"metric": "ocrbench_accuracy,none", "value": 0.42},
+                   "mmmu_val": {"metric": "mmmu_acc,none", "value": 0.35}}
+    # files older than this run's start are not this run's results
+    with pytest.raises(TLQError, match="no \\*_results.json"):
+        rm.newest_results_file(tmp_path, since=time.time() + 60)
+
+
+def test_parse_results_metric_override_and_groups(tmp_path):
+    path = _write_results(tmp_path / "m" / "x_results.json",
+                          {"scienceqa_img": {"alias": "s", "exact_match,none": 0.7, "relaxed,none": 0.8}})
+    data = json.loads(path.read_text())
+    data["groups"] = {"mme": {"alias": "mme", "mme_cognition_score,none": 300.0, "mme_percetion_score,none": 1400.0}}
+    path.write_text(json.dumps(data))
+    assert rm.parse_results(path, ["scienceqa_img"], {"scienceqa_img": "relaxed"})["scienceqa_img"]["value"] == 0.8
+    assert rm.parse_results(path, ["scienceqa_img"], {"scienceqa_img": "relaxed,none"})["scienceqa_img"]["value"] == 0.8
+    got = rm.parse_results(path, ["mme"], {"mme": "mme_percetion_score"})
+    assert got["mme"] == {"metric": "mme_percetion_score,none", "value": 1400.0}
+    with pytest.raises(TLQError, match="no metric 'bleu'"):
+        rm.parse_results(path, ["scienceqa_img"], {"scienceqa_img": "bleu"})
+    with pytest.raises(TLQError, match="no results for task 'ocrbench'"):
+        rm.parse_results(path, ["ocrbench"])
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"results": {"t": {"alias": "t", "x": "N/A"}}}'])
+def test_garbled_or_missing_results_are_tlq_errors(tmp_path, text):
+    with pytest.raises(TLQError, match="no \\*_results.json"):
+        rm.newest_results_file(tmp_path / "nothing-here")
+    path = tmp_path / "x_results.json"
+    path.write_text(text)
+    with pytest.raises(TLQError):
+        rm.parse_results(path, ["t"])
+
+
+def test_missing_lmms_eval_fails_before_any_work(qwen2_vl_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(rm, "find_spec", lambda name: None)
+    out = tmp_path / "out"
+    with pytest.raises(TLQError, match="pip install lmms-eval"):
+        rm.main(["--model", str(qwen2_vl_dir), "--methods", "rtn", "--schemes", "w4a16", "--out", str(out)])
+    assert not (out / "ckpt").exists() and not (out / "results.jsonl").exists()
+
+
+def test_bad_arguments_are_tlq_errors(tmp_path):
+    with pytest.raises(TLQError, match="not a model folder"):
+        rm.parse_args(["--model", str(tmp_path)])
+    with pytest.raises(TLQError, match="task=metric_key"):
+        rm._metric_overrides(["ocrbench"])
+    with pytest.raises(TLQError, match="unknown scheme"):
+        rm.parse_args(["--model", str(tmp_path), "--schemes", "w5a5"])
+
+
+def test_plan_fp_once_and_smoothquant_only_with_activation_quantization():
+    cells = rm.plan_cells(["fp", "rtn", "smoothquant", "tlq"], ["w3a16", "w4a8"])
+    assert [c.name for c in cells] == ["fp", "rtn-w3a16", "tlq-w3a16", "rtn-w4a8", "smoothquant-w4a8", "tlq-w4a8"]
+    assert [c.name for c in rm.plan_cells(["rtn"], ["w4a16"])] == ["rtn-w4a16"]
+
+
+def test_table_layout_fp_first_percent_and_average():
+    def rec(method, scheme, a, b):
+        return {"method": method, "scheme": scheme, "metrics": {"mmmu_val": {"metric": "mmmu_acc,none", "value": a},
+                                                                "ocrbench": {"metric": "ocr,none", "value": b}}}
+    records = [rec("tlq", "w4a8", 0.40, 0.60), rec("fp", None, 0.50, 0.70), rec("rtn", "w4a8", 0.30, 0.50)]
+    md = rm.render_table(records, ["w4a8", "w3a16"], ["fp", "rtn", "awq", "tlq"], ["mmmu_val", "ocrbench"])
+    blocks = md.split("## ")[1:]
+    assert len(blocks) == 2 and blocks[0].startswith("w4a8") and blocks[1].startswith("w3a16")
+    rows = [ln for ln in blocks[0].splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert rows == ["| Method | MMMU | OCRBench | Avg |", "| FP | 50.0 | 70.0 | 60.0 |", "| RTN | 30.0 | 50.0 | 40.0 |",
+                    "| AWQ | - | - | - |", "| TLQ | 40.0 | 60.0 | 50.0 |"]
+    assert "| FP | 50.0 | 70.0 | 60.0 |" in blocks[1] and "| RTN | - | - | - |" in blocks[1]
+    assert "mmmu_val: mmmu_acc,none" in md
+
+
+def test_lmms_eval_failure_is_a_tlq_error_and_the_server_is_stopped(tmp_path, monkeypatch):
+    """run_cell with a fake server: lmms-eval (the stub) exits 3, the server is stopped all the same."""
+    import serve.process
+
+    events = []
+
+    class FakeServer:
+        url = "http://127.0.0.1:9/v1"
+
+        def __init__(self, cfg):
+            events.append(("init", cfg.served_model_name, bool(cfg.api_key)))
+
+        def start(self):
+            events.append("start")
+
+        def wait_ready(self):
+            return 0.5
+
+        def stop(self):
+            events.append("stop")
+
+    monkeypatch.setattr(serve.process, "ServerProcess", FakeServer)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(write_stub(tmp_path / "stub")), str(REPO)]))
+    args = Namespace(model=tmp_path, out=tmp_path / "out", port=18799, tp=1, max_model_len=None,
+                     images_per_prompt=None, startup_timeout=5, limit=3, lmms_args="--fail", metric={})
+    key = {"model": str(tmp_path), "method": "fp", "scheme": None, "tasks": ["stub_task"], "limit": 3}
+    with pytest.raises(TLQError, match="exited with code 3: stub: failing as asked; full log"):
+        rm.run_cell(rm.Cell("fp", None), args, key)
+    assert events == [("init", rm.SERVED_NAME, True), "start", "stop"]
+    cmd = rm.lmms_command(["a", "b"], tmp_path, 3.0, ["--log_samples"])
+    assert cmd[1:] == ["-m", "lmms_eval", "--model", "openai_compatible", "--model_args",
+                       f"model_version={rm.SERVED_NAME}", "--tasks", "a,b", "--batch_size", "1",
+                       "--output_path", str(tmp_path), "--limit", "3", "--log_samples"]
+
+
+# -- end to end: one real vLLM server -------------------------------------------------------------
+def _free_port() -> int:
+    from serve.process import port_in_use
+    for port in range(18700, 18799):
+        if not port_in_use("127.0.0.1", port):
+            return port
+    pytest.skip("no free port in 18700-18798")
+
+
+def _server_processes(port: int) -> list[int]:
+    import psutil
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "serve.entry" in cmd and str(port) in cmd:
+            found.append(p.info["pid"])
+    return found
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(find_spec("vllm") is None, reason="vllm is not installed")
+def test_one_cell_end_to_end_then_resume(qwen2_vl_dir, tmp_path, monkeypatch):
+    from serve.process import port_in_use
+    stub = write_stub(tmp_path / "stub")
+    out, port = tmp_path / "out", _free_port()
+    argv = ["--model", str(qwen2_vl_dir), "--methods", "rtn", "--schemes", "w4a16", "--tasks", "stub_task",
+            "--out", str(out), "--port", str(port), "--max-model-len", "512", "--limit", "2",
+            "--lmms-args=--log_samples", "--startup-timeout", str(STARTUP_S)]
+    paths = [str(stub), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.real_models", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=STARTUP_S + 300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not _server_processes(port) and not port_in_use("127.0.0.1", port)
+
+    call = json.loads((out / "lmms" / "rtn-w4a16" / "stub_call.json").read_text())
+    assert call["model"] == rm.SERVED_NAME and call["completion_tokens"] >= 1 and call["prompt_tokens"] > 0
+    assert "--log_samples" in call["argv"] and call["argv"][call["argv"].index("--limit") + 1] == "2"
+    (rec,) = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert (rec["method"], rec["scheme"], rec["tasks"], rec["limit"]) == ("rtn", "w4a16", ["stub_task"], 2.0)
+    assert rec["metrics"] == {"stub_task": {"metric": "exact_match,none", "value": call["score"]}}
+    assert (out / "ckpt" / "rtn-w4a16" / "config.json").is_file()
+    assert Path(rec["checkpoint"]) == out / "ckpt" / "rtn-w4a16"
+    md = (out / "real_models.md").read_text()
+    assert "| Method | stub_task | Avg |" in md
+    assert f"| RTN | {call['score'] * 100:.1f} | {call['score'] * 100:.1f} |" in md
+
+    # a rerun skips the finished cell: no lmms-eval, no calibration, no server
+    import serve.process
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(serve.process, "ServerProcess", refuse)
+    monkeypatch.setattr(rm, "ensure_checkpoint", refuse)
+    monkeypatch.setattr(rm, "find_spec", lambda name: None)
+    t0 = time.monotonic()
+    (again,) = rm.main(argv)
+    assert time.monotonic() - t0 < 30
+    assert again == rec and (out / "real_models.md").read_text() == md
