@@ -164,13 +164,15 @@ def chart(table: dict, path: Path) -> Path | None:
         settings = [s for s in table[model] if s != "FP"]
         methods = [m for m in LABELS if any(m in table[model][s] for s in settings)]
         width = 0.8 / max(1, len(methods))
+        colours = plt.get_cmap("tab20")
         for row, metric in enumerate(("kl", "avg")):
             ax = axes[row][col]
             for j, method in enumerate(methods):
                 offset = (j - (len(methods) - 1) / 2) * width
                 xs = [i + offset for i, s in enumerate(settings) if method in table[model][s]]
                 vals = [table[model][s][method][metric] for s in settings if method in table[model][s]]
-                ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=LABELS[method].strip(" -"))
+                ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=LABELS[method].strip(" -"),
+                       color=colours(j % colours.N))  # tab10 would repeat a colour past 10 methods
             if metric == "avg":
                 ax.axhline(table[model]["FP"]["fp"]["avg"][0], color="k", ls="--", lw=1, label="FP")
             ax.set_xticks(range(len(settings)), settings)
