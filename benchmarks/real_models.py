@@ -29,6 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tlq.atomic import write_file_atomic
 from tlq.errors import TLQError
 
 METHODS = ["fp", "rtn", "gptq", "awq", "smoothquant", "mbq", "tlq"]
@@ -54,22 +55,15 @@ class Cell:
 
 def plan_cells(methods: list[str], schemes: list[str]) -> list[Cell]:
     """FP once, then every method x scheme; SmoothQuant only where activations are quantized."""
-    from tlq.schemes import get_scheme
+    from benchmarks.quality_lib.grid import make_setting, methods_for
     cells = [Cell("fp", None)] if "fp" in methods else []
     for scheme in schemes:
-        weight_only = get_scheme(scheme).weight_only
-        cells += [Cell(m, scheme) for m in methods if m != "fp" and not (m == "smoothquant" and weight_only)]
+        cells += [Cell(m, scheme) for m in methods_for(make_setting(scheme, None), methods) if m != "fp"]
     return cells
 
 
 def _say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- lmms-eval ---------------------------------------------------------------------------------------
@@ -273,7 +267,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if run_file.is_file() and json.loads(run_file.read_text()).get("model") != str(args.model):
         raise TLQError(f"{args.out} holds checkpoints of {json.loads(run_file.read_text())['model']}, "
                        f"not {args.model}; pass another --out")
-    write_atomic(run_file, json.dumps({"model": str(args.model)}) + "\n")
+    write_file_atomic(run_file, json.dumps({"model": str(args.model)}) + "\n")
     log_path = args.out / "results.jsonl"
     records = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()] \
         if log_path.is_file() else []
@@ -291,13 +285,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t0 = time.time()
         rec = run_cell(cell, args, key)
         records.append(rec)
-        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
+        write_file_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
         scores = ", ".join(f"{t} {_pct(m['value']):.1f}" for t, m in rec["metrics"].items())
         _say(f"{cell.name}: {scores} ({time.time() - t0:.0f} s)")
     current = [r for r in records if r["model"] == str(args.model) and r["tasks"] == args.tasks
                and r["limit"] == args.limit]
     table = args.out / "real_models.md"
-    write_atomic(table, render_table(current, args.schemes, args.methods, args.tasks))
+    write_file_atomic(table, render_table(current, args.schemes, args.methods, args.tasks))
     _say(f"wrote {table} and {log_path}")
     return current
 

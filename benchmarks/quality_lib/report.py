@@ -14,6 +14,7 @@ from pathlib import Path
 
 from benchmarks.fixtures.tasks import IMAGE_TYPES, TEXT_TYPES
 from benchmarks.quality_lib.grid import BASELINES, LABELS, SENSITIVITY, SETTINGS
+from tlq.atomic import write_file_atomic
 
 TYPES = IMAGE_TYPES + TEXT_TYPES
 
@@ -192,9 +193,7 @@ def write_reports(out: Path, table: dict, sens: list[dict], wins: list[dict], me
     paths = {"json": out / "quality.json", "md": out / "quality.md", "png": out / "quality.png"}
     for key, text in (("json", json.dumps({"meta": meta, "table": table, "sensitivity": sens, "tlq_vs_best": wins},
                                           indent=1)), ("md", markdown(table, sens, wins, meta))):
-        tmp = paths[key].with_name(f".{paths[key].name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, paths[key])
+        write_file_atomic(paths[key], text + "\n")
     if chart(table, paths["png"]) is None:
         del paths["png"]
     return paths

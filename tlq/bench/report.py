@@ -48,7 +48,7 @@ def print_ratios(rows: list[dict], subject: str, reference: str) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    from tlq.format.checkpoint import write_json_atomic
+    from tlq.atomic import write_json_atomic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from tlq.atomic import write_file_atomic
 
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (245, 140, 30), "black": (20, 20, 20)}
@@ -149,12 +150,6 @@ def build_samples(seed: int = 0):
                "messages": messages}, None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_bundled(out_dir, seed: int = 0) -> Path:
     """Write the set into `out_dir` (replacing older PNGs there); return the JSONL path."""
     out_dir = Path(out_dir)
@@ -165,10 +160,10 @@ def write_bundled(out_dir, seed: int = 0) -> Path:
     lines = []
     for record, png in build_samples(seed):
         if png is not None:
-            _write_atomic(out_dir / record["images"][0], png)
+            write_file_atomic(out_dir / record["images"][0], png)
         lines.append(json.dumps(record, ensure_ascii=False))
     path = out_dir / "calib.jsonl"
-    _write_atomic(path, ("\n".join(lines) + "\n").encode())
+    write_file_atomic(path, ("\n".join(lines) + "\n").encode())
     return path
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from tlq.calib.assemble import checkpoint_config
+from tlq.atomic import write_json_atomic
 from tlq.format.checkpoint import (
     INDEX,
     check_output_dir,
@@ -25,7 +26,6 @@ from tlq.format.checkpoint import (
     sha256_file,
     shard_tensors,
     swap_into_place,
-    write_json_atomic,
 )
 from tlq.model_io import SourceModel
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tlq import __version__
+from tlq.atomic import write_json_atomic
 from tlq.errors import CheckpointError, TLQError
 from tlq.format.packing import pack, packed_length, unpack
 from tlq.quant.qparams import QuantizedWeight, n_groups
@@ -81,16 +82,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared read-only folders
-    os.replace(tmp, path)
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
