@@ -5,5 +5,4 @@
     process  -- the server as an owned child process group: start, /health, stop without orphans
     launcher -- foreground `tlq serve`: ready banner, SIGINT/SIGTERM forwarding
     client   -- local-endpoint helpers shared by `tlq bench`, `tlq eval`, `tlq demo`
-    demo     -- `tlq demo`
 """

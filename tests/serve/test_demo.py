@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow,
 
 
 def test_demo_runs_every_phase(tmp_path, monkeypatch, fixture_cache):
-    from serve.demo import DemoConfig, run_demo
+    from tlq.commands.demo import DemoConfig, run_demo
     from serve.process import port_in_use
     monkeypatch.setenv("TLQ_CACHE", str(fixture_cache))
     port = next(p for p in range(18470, 18500) if not port_in_use("127.0.0.1", p))

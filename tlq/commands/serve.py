@@ -113,7 +113,7 @@ def demo(
     scheme: str = typer.Option("w4a16", help="quantization scheme"),
 ) -> None:
     """Build the tiny model, calibrate it, serve it, ask it two questions, bench it, shut down."""
-    from serve.demo import DemoConfig, run_demo
+    from tlq.commands.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(port=port, method=method, scheme=scheme)
     if workdir is not None:
