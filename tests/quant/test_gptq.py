@@ -3,7 +3,7 @@ import torch
 
 from tlq.errors import TLQError
 from tlq.quant.gptq import gptq_core, gptq_quantize
-from tlq.quant.rtn import rtn_quantize
+from tlq.quant.qparams import quantize_rtn
 from tlq.schemes import QuantScheme
 
 BF16 = torch.bfloat16
@@ -38,7 +38,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, symmetric):
     W = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
     s = scheme(bits, group_size, symmetric)
     qg = gptq_quantize(W, hessian(X), s, BF16)
-    qr = rtn_quantize(W, s, BF16)
+    qr = quantize_rtn(W, s.bits, s.group_size, s.symmetric, BF16)
     assert qg.codes.shape == (32, 128) and qg.scales.shape == qr.scales.shape
     assert int(qg.codes.min()) >= 0 and int(qg.codes.max()) <= 2**bits - 1
     assert out_err(X, W, qg.dequantize()) < 0.6 * out_err(X, W, qr.dequantize())
@@ -49,7 +49,7 @@ def test_identity_hessian_reduces_to_rtn():
     W = torch.randn(8, 96, generator=torch.Generator().manual_seed(2))
     s = scheme(3, 32)
     qg = gptq_quantize(W, torch.eye(96), s, BF16, block_size=40)
-    qr = rtn_quantize(W, s, BF16)
+    qr = quantize_rtn(W, s.bits, s.group_size, s.symmetric, BF16)
     assert torch.equal(qg.codes, qr.codes) and torch.equal(qg.scales, qr.scales)
     assert torch.equal(qg.zeros, qr.zeros)
 
@@ -110,7 +110,7 @@ def test_act_order_not_worse_than_rtn_and_helps_with_outlier_columns():
         H = hessian(X)
         e_act = out_err(X, W, gptq_quantize(W, H, s, BF16, act_order=True).dequantize())
         e_plain = out_err(X, W, gptq_quantize(W, H, s, BF16).dequantize())
-        e_rtn = out_err(X, W, rtn_quantize(W, s, BF16).dequantize())
+        e_rtn = out_err(X, W, quantize_rtn(W, s.bits, s.group_size, s.symmetric, BF16).dequantize())
         assert e_act < e_rtn
         ratios.append(e_act / e_plain)
     assert sum(ratios) / len(ratios) < 0.8

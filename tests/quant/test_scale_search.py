@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from tlq.errors import TLQError
-from tlq.quant.qparams import quantize_activations_int8
-from tlq.quant.rtn import rtn_quantize
+from tlq.quant.qparams import quantize_activations_int8, quantize_rtn
 from tlq.quant.scale_search import search_clip_ratios, search_input_scales
 from tlq.schemes import QuantScheme
 
@@ -33,7 +32,8 @@ def scaled_loss(Ws, X, s, scheme, w=None, act_quant=False, loss="mse"):
     Xs = X / s
     if act_quant:
         Xs = quantize_activations_int8(Xs)
-    err = torch.cat([X @ W.T - Xs @ rtn_quantize(W * s, scheme, BF16).dequantize().T for W in Ws], dim=1)
+    rtn = lambda W: quantize_rtn(W, scheme.bits, scheme.group_size, scheme.symmetric, BF16).dequantize()  # noqa: E731
+    err = torch.cat([X @ W.T - Xs @ rtn(W * s).T for W in Ws], dim=1)
     per_token = (err.square() if loss == "mse" else err.abs()).mean(1)
     return float((w * per_token).sum() / w.sum())
 
@@ -88,7 +88,7 @@ def test_scale_search_is_deterministic_and_validates():
 
 def group_errors(W, X, scheme, ratio, w):
     """Weighted squared error of each (row, group) partial product: [N, n_groups]."""
-    Q = rtn_quantize(W, scheme, BF16, clip_ratio=ratio).dequantize()
+    Q = quantize_rtn(W, scheme.bits, scheme.group_size, scheme.symmetric, BF16, clip_ratio=ratio).dequantize()
     g = W.shape[1] if scheme.group_size == -1 else scheme.group_size
     errs = [(w[:, None] * (X[:, j:j + g] @ (W[:, j:j + g] - Q[:, j:j + g]).T).square()).sum(0)
             for j in range(0, W.shape[1], g)]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tlq.errors import TLQError
+from tlq.quant.solvers import SOLVERS
 from tlq.schemes import QuantScheme
 
 IMPORTANCE_MODES = ("uniform", "modality", "modality_prior", "token")
@@ -51,7 +52,8 @@ class MethodSpec:
         input_scaling: none | awq (grid-searched per-channel input scales) | smoothquant |
             auto (awq for schemes that quantize activations, none for weight-only ones).
         clip_search: AWQ weight clipping before rounding.
-        solver: rtn | gptq (the importance-weighted GPTQ when weights are not uniform).
+        solver: a key of tlq.quant.solvers.SOLVERS: rtn | gptq (the importance-weighted GPTQ when
+            weights are not uniform).
         exposure: fp (calibrate on the float model's inputs), quantized (on the inputs the
             quantized earlier layers produce), corrected (quantized inputs, FP outputs as target).
         damp: default GPTQ damping of this method (fraction of the Hessian's mean diagonal; also
@@ -72,7 +74,10 @@ class MethodSpec:
 
     @property
     def needs_data(self) -> bool:
-        return self.name != "rtn"
+        """Whether any axis reads calibration inputs (RTN without scaling or clipping does not)."""
+        solver = SOLVERS.get(self.solver)
+        return (solver is None or solver.needs_data or self.clip_search or self.input_scaling != "none"
+                or self.importance != "uniform")
 
     @property
     def needs_gradients(self) -> bool:
@@ -155,6 +160,8 @@ class CalibConfig:
         self.model, self.out = Path(self.model), Path(self.out)
         if self.method.importance != self.importance.mode:
             self.importance = replace(self.importance, mode=self.method.importance)
+        if self.method.solver not in SOLVERS:
+            raise TLQError(f"unknown solver {self.method.solver!r}; choose one of {', '.join(SOLVERS)}")
         if self.method.exposure not in EXPOSURE_MODES:
             raise TLQError(f"unknown exposure {self.method.exposure!r}; choose one of {', '.join(EXPOSURE_MODES)}")
         if self.method.input_scaling not in SCALING_MODES:

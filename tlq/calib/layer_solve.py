@@ -14,10 +14,10 @@ from torch import nn
 from tlq.adapters import LinearGroup, ModelAdapter, get_submodule
 from tlq.calib.capture import to_device
 from tlq.calib.config import CalibConfig
-from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8, quantize_rtn
-from tlq.quant.scale_search import search_clip_ratios, search_input_scales
+from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8
+from tlq.quant.scale_search import search_input_scales
 from tlq.quant.smoothquant import smooth_scales
-from tlq.quant.weighted_gptq import weighted_gptq_quantize, weighted_hessian
+from tlq.quant.solvers import SOLVERS, GroupData, SolverSettings
 
 
 class _Stop(Exception):
@@ -139,6 +139,10 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
             if _fold_scale(layer, group, s) and not isinstance(get_submodule(layer, group.prev_op), nn.Linear):
                 overrides[f"{layer_prefix}.{group.prev_op}.weight"] = get_submodule(layer, group.prev_op).weight.detach().cpu().clone()
     fp_scaled = copy.deepcopy(layer) if method.exposure == "corrected" else None
+    solve = SOLVERS[method.solver].solve
+    settings = SolverSettings(scheme, dtype, damp=cfg.damp, act_order=cfg.act_order,
+                              exposure_strength=cfg.exposure_strength, clip_search=method.clip_search,
+                              n_grid=cfg.n_grid)
 
     quantized, hooks = {}, []
     for group in adapter.linear_groups:
@@ -155,17 +159,10 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
                 X, w = X[keep], w[keep]
                 X_fp = None if X_fp is None else X_fp[keep]
         # inputs are gathered on the CPU; the solver runs where the layer is
-        X, w, X_fp = (None if t is None else t.to(device) for t in (X, w, X_fp))
-        H = weighted_hessian(X, w) if method.solver == "gptq" else None  # shared by the group's linears
+        data = GroupData(*(None if t is None else t.to(device) for t in (X, w, X_fp)))
         for name in group.names:
             lin = get_submodule(layer, name)
-            W = lin.weight.detach().float()
-            if method.solver == "gptq":
-                qw = weighted_gptq_quantize(W, X, scheme, dtype, w=w, X_fp=X_fp, damp=cfg.damp, H=H,
-                                            act_order=cfg.act_order, exposure_strength=cfg.exposure_strength)
-            else:
-                ratio = search_clip_ratios(W, X, scheme, dtype, w=w, n_grid=cfg.n_grid) if method.clip_search else None
-                qw = quantize_rtn(W, scheme.bits, scheme.group_size, scheme.symmetric, dtype, clip_ratio=ratio)
+            qw = solve(lin.weight.detach().float(), data, settings)
             with torch.no_grad():
                 lin.weight.copy_(qw.dequantize(lin.weight.dtype))
             quantized[f"{layer_prefix}.{name}"] = qw.to("cpu")
