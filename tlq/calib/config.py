@@ -16,6 +16,8 @@ from tlq.schemes import QuantScheme
 IMPORTANCE_MODES = ("uniform", "modality", "modality_prior", "token")
 EXPOSURE_MODES = ("fp", "quantized", "corrected")
 SCALING_MODES = ("none", "awq", "smoothquant", "auto")
+GRADIENT_STATISTICS = ("abs", "square")
+GRADIENT_SOURCES = ("block", "linear")
 
 
 @dataclass(frozen=True)
@@ -26,19 +28,33 @@ class ImportanceConfig:
         mode: uniform (all 1); modality (MBQ: answer 1, vision r = g_vis/g_ans floored at the
             median over layers, prompt 0); modality_prior (TLQ's prior term alone);
             token (TLQ: prior mixed with the token's own gradient).
+        statistic: how a token's output gradient g [C] becomes a number: "abs" mean_c |g_c|
+            (MBQ) or "square" mean_c g_c^2 (the Fisher / Taylor weight, VLMQ's G^2).
+        source: whose output gradient weights a linear group's tokens: "block" (the attention
+            or MLP output) or "linear" (each linear's own output, averaged over the group; K and V
+            at token t then count by their effect on the later tokens that read them).
         prior_mix: lambda, the share of the modality prior in a token's score (token mode).
-        iqr_clip: clip scores to [Q1 - k IQR, Q3 + k IQR] with this k (outlier clipping).
+        iqr_clip: k of the outlier fence [Q1 - k IQR, Q3 + k IQR], taken per modality over the
+            tokens that received gradient.
         floor: minimum weight after mean-1 normalisation (keeps near-zero-gradient tokens alive).
         drop_below: tokens whose final weight is below this leave the calibration set (0 = keep all).
         max_tokens: keep at most this many tokens per layer (seeded sample; None = all).
     """
 
     mode: str = "token"
+    statistic: str = "abs"
+    source: str = "block"
     prior_mix: float = 0.5
     iqr_clip: float = 1.5
     floor: float = 0.1
     drop_below: float = 0.0
     max_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.statistic not in GRADIENT_STATISTICS:
+            raise TLQError(f"unknown gradient statistic {self.statistic!r}; choose one of {', '.join(GRADIENT_STATISTICS)}")
+        if self.source not in GRADIENT_SOURCES:
+            raise TLQError(f"unknown gradient source {self.source!r}; choose one of {', '.join(GRADIENT_SOURCES)}")
 
 
 @dataclass(frozen=True)

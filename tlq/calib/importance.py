@@ -1,30 +1,45 @@
 r"""Token importance: the one place where gradients become calibration weights.
 
 Gradient pass (`token_gradients`): one FP forward and backward per sample with the SFT
-loss L (mean cross-entropy over answer tokens). For decoder layer l and sub-module
-b in {attn, mlp} with output Y^{l,b} in R^{T x C}, the raw importance of token t is
+loss L (mean cross-entropy over answer tokens). For decoder layer l and every gradient
+source b (the attention and MLP outputs, and each quantized linear's own output) with
+output Y^{l,b} in R^{T x C}, two raw statistics of token t are kept:
 
-    a^{l,b}_t = (1/C) * sum_c | dL / dY^{l,b}_{t,c} |.
+    abs     a_t = (1/C) * sum_c | dL / dY^{l,b}_{t,c} |          (MBQ)
+    square  a_t = (1/C) * sum_c ( dL / dY^{l,b}_{t,c} )^2       (Fisher / Taylor, VLMQ's G^2)
 
 The backward pass never holds more than one layer's graph: the forward stores each
 layer's input (on CPU), then layers are recomputed one at a time from the last to the
 first, each receiving the gradient of its output and passing on the gradient of its input.
 
-Integration (`integrate`), per layer l and block b, over all calibration tokens, with M(t)
-the modality of token t (prompt text, vision, answer):
+Integration (`integrate`), per layer l and source b, over all calibration tokens, with
+M(t) the modality of token t (prompt text, vision, answer) and NZ_M the tokens of M that
+received gradient (a_t > 0):
 
-    clip        c_t   = clip(a_t, Q1 - k IQR, Q3 + k IQR)                 (outliers)
-    prior       p_M   = mean_{t in M} c_t                                (modality level)
-    score       s_t   = lambda * p_{M(t)} + (1 - lambda) * c_t           (token level, smoothed)
-    normalise   w_t   = s_t / mean(s)
-    floor       w_t  <- max(w_t, w_min) / mean(max(w, w_min))            (never zero)
+    fence       Q1_M, Q3_M = quartiles of {a_t : t in NZ_M},  I_M = Q3_M - Q1_M   (per modality)
+    clip        c_t = clip(a_t, max(0, Q1_M - k I_M), Q3_M + k I_M)  for t in NZ_M;  c_t = 0 else
+    prior       p_M = mean_{t in M} c_t                              (modality level, zeros count)
+    score       s_t = lambda * p_{M(t)} + (1 - lambda) * c_t        (token level, smoothed)
+    normalise   w_t = s_t / mean(s)
+    floor       w_t  <- max(w_t, w_min) / mean(max(w, w_min))       (never zero)
+
+The fence is per modality and over nonzero values because one fence over all tokens erases
+the signal: answer tokens carry the largest gradients and are a minority, so a shared fence,
+set by the vision tokens, cuts them down to the vision level; and where at least 75% of the
+tokens get no gradient (the last layer, where only positions that predict answer tokens do)
+Q1 = Q3 = 0 clips every token to 0 and the floor leaves all weights at 1. A modality with
+fewer than MIN_FENCE_TOKENS nonzero values is not clipped (its quartiles say nothing).
 
 mode "modality_prior" uses lambda = 1 (TLQ's modality-level ablation); "uniform" gives
-w_t = 1; mode "modality" is MBQ's published weighting: answer tokens 1, vision tokens
-r_l = p_vision / p_answer (floored at the median of r over layers), prompt tokens 0.
-Pure per-token weights (lambda = 0, no floor) are deliberately not the default: MBQ and QIG
-found them worse than modality-level weights because many vision tokens get almost no
-gradient; the prior and the floor keep every token in the calibration set.
+w_t = 1; mode "modality" is MBQ's published weighting (thu-nics/MBQ, pre_quant.py): answer
+tokens 1, vision tokens r_l = g_vis / g_ans of the block output (per-sample means of |g|,
+averaged over samples), floored at the median of r over the layers of the same block type,
+prompt tokens 0. Pure per-token weights (lambda = 0, no floor) are deliberately not the default:
+MBQ and QIG found them worse than modality-level weights because many vision tokens get almost
+no gradient; the prior and the floor keep every token in the calibration set.
+
+With source "linear" a linear group's weight is the mean of its linears' weights
+(`group_weights`); with "block" it is its block's.
 """
 from __future__ import annotations
 
@@ -32,12 +47,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tlq.adapters import ModelAdapter, get_submodule
+from tlq.adapters import LinearGroup, ModelAdapter, get_submodule
 from tlq.calib.capture import ANSWER, MODALITY_NAMES, VISION, CapturedSample, to_device
 from tlq.calib.config import ImportanceConfig
 
 BLOCKS = ("attn", "mlp")
-RawImportance = list[dict[tuple[int, str], torch.Tensor]]  # per sample: (layer, block) -> a [T]
+STATISTICS = {"abs": 0, "square": 1}  # row of a raw entry
+MIN_FENCE_TOKENS = 4
+# per sample: (layer, block or linear name) -> [2, T], rows mean |g| and mean g^2 (STATISTICS)
+RawImportance = list[dict[tuple[int, str], torch.Tensor]]
 
 
 def sft_loss(model, adapter: ModelAdapter, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -88,12 +106,14 @@ def forward_stage(layers, indices: range, h: torch.Tensor, kwargs: dict, device:
 def backward_stage(adapter: ModelAdapter, layers, indices: range, inputs: list[torch.Tensor], grad: torch.Tensor,
                    kwargs: dict, device: str, per_layer: dict) -> torch.Tensor:
     """Recompute layers[indices] one at a time, last to first, each from its stored input, passing
-    `grad` (dL/d output) back; fills per_layer[(index, block)] and returns dL/d(first input)."""
+    `grad` (dL/d output) back; fills per_layer[(index, source)] for every block and quantized
+    linear (rows: STATISTICS) and returns dL/d(first input)."""
+    sources = {b: getattr(adapter, f"{b}_module") for b in BLOCKS} | {n: n for n in adapter.linear_names()}
     for index in reversed(indices):
         layer = layers[index]
         outputs = {}
-        hooks = [get_submodule(layer, getattr(adapter, f"{b}_module")).register_forward_hook(
-            _keep_output(outputs, b)) for b in BLOCKS]
+        hooks = [get_submodule(layer, path).register_forward_hook(_keep_output(outputs, name))
+                 for name, path in sources.items()]
         try:
             with _on(layer, device), torch.enable_grad():
                 x = inputs[index - indices.start].to(device).requires_grad_(True)
@@ -101,17 +121,18 @@ def backward_stage(adapter: ModelAdapter, layers, indices: range, inputs: list[t
         finally:
             for hk in hooks:
                 hk.remove()
-        for b in BLOCKS:
-            per_layer[(index, b)] = outputs[b].grad.float().abs().mean(-1)[0].cpu()
+        for name in sources:
+            g = outputs[name].grad.float()[0]
+            per_layer[(index, name)] = torch.stack([g.abs().mean(-1), g.square().mean(-1)]).cpu()
         grad = x.grad
     return grad
 
 
-def _keep_output(store: dict, block: str):
+def _keep_output(store: dict, name: str):
     def hook(module, args, output):
         out = output[0] if isinstance(output, tuple) else output
         out.retain_grad()
-        store[block] = out
+        store[name] = out
     return hook
 
 
@@ -130,51 +151,73 @@ class _on:
             self.module.to("cpu")
 
 
-def _modality_prior(a: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-    prior = torch.empty_like(a)
+def _clip_per_modality(a: torch.Tensor, modality: torch.Tensor, k: float) -> torch.Tensor:
+    """c_t of the module docstring: the IQR fence of each modality over its nonzero values."""
+    c = a.clone()
+    for m in MODALITY_NAMES:
+        nonzero = (modality == m) & (a > 0)
+        if int(nonzero.sum()) < MIN_FENCE_TOKENS:
+            continue
+        q1, q3 = torch.quantile(a[nonzero], torch.tensor([0.25, 0.75], dtype=a.dtype))
+        lo, hi = max(float(q1 - k * (q3 - q1)), 0.0), float(q3 + k * (q3 - q1))
+        c[nonzero] = a[nonzero].clamp(min=lo, max=hi)
+    return c
+
+
+def _modality_prior(c: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    prior = torch.empty_like(c)
     for m in MODALITY_NAMES:
         mask = modality == m
         if mask.any():
-            prior[mask] = a[mask].mean()
+            prior[mask] = c[mask].mean()
     return prior
 
 
 def _token_weights(a: torch.Tensor, modality: torch.Tensor, cfg: ImportanceConfig) -> torch.Tensor:
     lam = 1.0 if cfg.mode == "modality_prior" else cfg.prior_mix
-    q1, q3 = torch.quantile(a, torch.tensor([0.25, 0.75], dtype=a.dtype))
-    c = a.clamp(min=float(q1 - cfg.iqr_clip * (q3 - q1)), max=float(q3 + cfg.iqr_clip * (q3 - q1)))
+    c = _clip_per_modality(a, modality, cfg.iqr_clip)
     s = lam * _modality_prior(c, modality) + (1 - lam) * c
     w = s / s.mean().clamp(min=1e-12)
     w = w.clamp(min=cfg.floor)
     return w / w.mean()
 
 
-def _mbq_ratios(raw_all: dict, modality: torch.Tensor, gather=None) -> dict:
-    """MBQ's r_l = mean grad over vision / over answer tokens, floored at the median over layers.
+def _mbq_ratios(raw: RawImportance, modalities: list[torch.Tensor], gather=None) -> dict:
+    """MBQ's r = g_vis / g_ans per (layer, block), floored at the median over the layers of the block.
 
-    `gather` maps this process's ratios to those of every layer (a multi-rank run holds a share
-    of the layers); the median is order-free, so the result equals the single-process one."""
+    As thu-nics/MBQ (pre_quant.py, GradCacheHook): per sample the mean |g| over vision tokens and
+    over answer tokens, each averaged over samples (samples without vision tokens count as MBQ's
+    empty means would not: they are skipped). `gather` maps this process's ratios to those of every
+    layer (a multi-rank run holds a share of the layers); medians are order-free, so the result
+    equals the single-process one."""
     ratios = {}
-    for key, a in raw_all.items():
-        vis, ans = a[modality == VISION], a[modality == ANSWER]
-        ratios[key] = float(vis.mean() / ans.mean().clamp(min=1e-12)) if len(vis) and len(ans) else 1.0
+    for key in (k for k in raw[0] if k[1] in BLOCKS):
+        vis, ans = [], []
+        for r, modality in zip(raw, modalities):
+            a = r[key][STATISTICS["abs"]]
+            if (modality == VISION).any() and (modality == ANSWER).any():
+                vis.append(a[modality == VISION].mean())
+                ans.append(a[modality == ANSWER].mean())
+        ratios[key] = float(torch.stack(vis).mean() / torch.stack(ans).mean().clamp(min=1e-12)) if vis else 1.0
     every = gather(ratios) if gather is not None else ratios
-    median = float(torch.tensor(list(every.values())).median()) if every else 1.0
-    return {k: max(r, median) for k, r in ratios.items()}
+    medians = {b: float(torch.tensor([v for (_, kb), v in every.items() if kb == b]).median())
+               for b in {kb for _, kb in every}}
+    return {k: max(r, medians[k[1]]) for k, r in ratios.items()}
 
 
 def integrate(raw: RawImportance, modalities: list[torch.Tensor], cfg: ImportanceConfig, gather=None
               ) -> list[dict[tuple[int, str], torch.Tensor]]:
-    """Final per-token weights, same structure as `raw` (see the module docstring).
+    """Final per-token weights per sample, keyed (layer, block), or (layer, linear name) for
+    source "linear" in token modes (see the module docstring).
 
-    Every step is per (layer, block) except MBQ's median over layers: `gather` (see _mbq_ratios)."""
+    Every step is per key except MBQ's median over layers: `gather` (see _mbq_ratios)."""
     lengths = [len(m) for m in modalities]
     modality = torch.cat(modalities)
-    keys = list(raw[0].keys())
-    raw_all = {k: torch.cat([r[k] for r in raw]) for k in keys}
+    by_linear = cfg.source == "linear" and cfg.mode in ("token", "modality_prior")
+    keys = [k for k in raw[0] if (k[1] not in BLOCKS) == by_linear]
     weights_all = {}
     if cfg.mode == "modality":
-        ratios = _mbq_ratios(raw_all, modality, gather)
+        ratios = _mbq_ratios(raw, modalities, gather)
     for key in keys:
         if cfg.mode == "uniform":
             w = torch.ones(len(modality))
@@ -183,13 +226,24 @@ def integrate(raw: RawImportance, modalities: list[torch.Tensor], cfg: Importanc
             w[modality == ANSWER] = 1.0
             w[modality == VISION] = ratios[key]
         else:
-            w = _token_weights(raw_all[key].double(), modality, cfg).float()
+            a = torch.cat([r[key][STATISTICS[cfg.statistic]] for r in raw])
+            w = _token_weights(a.double(), modality, cfg).float()
         weights_all[key] = w
     per_sample = [{} for _ in raw]
     for key, w in weights_all.items():
         for i, part in enumerate(torch.split(w, lengths)):
             per_sample[i][key] = part
     return per_sample
+
+
+def group_weights(weights: list[dict[str, torch.Tensor]], group: LinearGroup) -> torch.Tensor:
+    """[sum T] weights of a linear group's tokens from one layer's per-sample weights: its block's,
+    or the mean of its linears' (source "linear")."""
+    def one(w):
+        if group.block in w:
+            return w[group.block]
+        return torch.stack([w[n] for n in group.names]).mean(0)
+    return torch.cat([one(w) for w in weights])
 
 
 def uniform_weights(samples: list[CapturedSample], num_layers: int) -> list[dict]:
