@@ -81,8 +81,8 @@ def main() -> int:
 
 
 def run(args, work: Path) -> int:
-    from tlq.dist.launch import free_port
-    from tlq.dist.writer import tensor_hashes
+    from tlq.multirank.launch import free_port
+    from tlq.multirank.writer import tensor_hashes
 
     model = args.model
     if model is None:

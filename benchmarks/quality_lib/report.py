@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.fixtures.tasks import IMAGE_TYPES, TEXT_TYPES
 from benchmarks.quality_lib.grid import BASELINES, LABELS, SENSITIVITY, SETTINGS
-from tlq.atomic import write_file_atomic
+from tlq.atomic import write_atomic, write_file_atomic
 
 TYPES = IMAGE_TYPES + TEXT_TYPES
 
@@ -181,10 +180,8 @@ def chart(table: dict, path: Path) -> Path | None:
             ax.set_title(f"{model}: {'KL to FP per answer token' if metric == 'kl' else 'Avg exact match (%)'}")
         axes[0][col].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from tlq.adapters import adapter_by_name
-from tlq.dist.launch import PORTS, free_port, strip_nproc, torchrun_command
-from tlq.dist.plan import owner, split_layers
+from tlq.multirank.launch import PORTS, free_port, strip_nproc, torchrun_command
+from tlq.multirank.plan import owner, split_layers
 from tlq.errors import TLQError
 
 
@@ -70,7 +70,7 @@ def test_free_port_is_in_the_project_range(monkeypatch):
 
 
 def test_launch_refuses_nesting_under_torchrun(monkeypatch):
-    from tlq.dist.launch import launch_torchrun
+    from tlq.multirank.launch import launch_torchrun
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TLQError, match="leave --nproc out"):
         launch_torchrun(2, ["calibrate", "m", "--out", "o", "--nproc", "2"])

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from tlq.dist.launch import free_port
-from tlq.dist.writer import tensor_hashes
+from tlq.multirank.launch import free_port
+from tlq.multirank.writer import tensor_hashes
 from tlq.format.checkpoint import verify_checkpoint
 
 TIMEOUT = 300

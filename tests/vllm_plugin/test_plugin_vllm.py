@@ -13,7 +13,7 @@ float reference) is compared against the plugin's exact int8-simulation fallback
 against the float reference only loosely.
 
 Work is shared: checkpoints are built in-process (RTN, ~0.2 s each), then one subprocess per
-architecture loads every checkpoint in turn (vllm_plugin/probe.py, engine in-process: ~3-7 s per
+architecture loads every checkpoint in turn (tests/vllm_plugin/probe.py, engine in-process: ~3-7 s per
 model after the first). Tensor parallelism (2 CPU ranks) runs in its own subprocess.
 """
 from __future__ import annotations
@@ -144,7 +144,7 @@ def run_probe(job: dict, tmp: Path, timeout: int = 400, **env) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "job.json").write_text(json.dumps(job))
     out = tmp / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "vllm_plugin.probe", str(tmp / "job.json"), str(out)],
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("probe.py")), str(tmp / "job.json"), str(out)],
                           cwd=REPO, env=vllm_env(tmp, **env), capture_output=True, text=True, timeout=timeout,
                           check=False)
     (tmp / "log.txt").write_text(proc.stdout + proc.stderr)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tlq.adapters import ModelAdapter, get_submodule
-from tlq.calib.memory import trim_heap
+from tlq.calib.rss import trim_heap
 
 PROMPT, VISION, ANSWER = 0, 1, 2
 MODALITY_NAMES = {PROMPT: "prompt", VISION: "vision", ANSWER: "answer"}
@@ -120,7 +120,7 @@ def release_vision(model, adapter: ModelAdapter) -> None:
 
 def capture_samples(model, source, samples, progress: bool = True) -> list[CapturedSample]:
     """Encode `samples` with the model folder's processor, capture the language model's inputs
-    once, then drop the vision tower (one process and rank 0 of tlq/dist alike)."""
+    once, then drop the vision tower (one process and rank 0 of tlq/multirank alike)."""
     from tlq.data.processing import encode_sample
     processor = source.load_processor()
     encoded = [(s.id, encode_sample(processor, s)) for s in samples]

@@ -22,10 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from tlq.adapters import ModelAdapter
+from tlq.atomic import save_torch_atomic, write_json_atomic
 from tlq.calib.capture import ANSWER, PROMPT, VISION, CapturedSample
 from tlq.calib.config import CalibConfig
 from tlq.calib.layer_solve import LayerInputs, calibrate_layer, run_layer
-from tlq.calib.memory import rss_mark, trim_heap
+from tlq.calib.rss import rss_mark, trim_heap
 from tlq.quant.qparams import QuantizedWeight
 
 _STATE = "state.pt"
@@ -73,14 +74,12 @@ class WorkFolder:
             for f in self.path.iterdir():
                 f.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = key_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.key, indent=1))
-        os.replace(tmp, key_file)
+        write_json_atomic(key_file, self.key)
         return 0
 
     def save_layer(self, index: int, result: dict, h_q, h_fp) -> None:
-        _atomic_save(result, self.path / f"layer_{index:04d}.pt")
-        _atomic_save({"next_layer": index + 1, "h_q": h_q, "h_fp": h_fp}, self.path / _STATE)
+        save_torch_atomic(self.path / f"layer_{index:04d}.pt", result)
+        save_torch_atomic(self.path / _STATE, {"next_layer": index + 1, "h_q": h_q, "h_fp": h_fp})
 
     def load_layer(self, index: int) -> dict:
         return torch.load(self.path / f"layer_{index:04d}.pt", weights_only=False)
@@ -89,17 +88,11 @@ class WorkFolder:
         return torch.load(self.path / _STATE, weights_only=False)
 
     def save_object(self, name: str, obj) -> None:
-        _atomic_save(obj, self.path / name)
+        save_torch_atomic(self.path / name, obj)
 
     def load_object(self, name: str):
         p = self.path / name
         return torch.load(p, weights_only=False) if p.is_file() else None
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], weights: list[dict],
@@ -111,7 +104,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
     `done` layers (from `WorkFolder.open`) are reloaded instead of recomputed;
     `start_streams` = (h_q, h_fp) lets a pipeline stage start from another rank's outputs;
     `fp_targets` (layer -> y_fp per sample, consumed) are FP outputs a pipeline stage computed
-    ahead while earlier stages were still calibrating (tlq/dist); `keep` maps each layer's
+    ahead while earlier stages were still calibrating (tlq/multirank); `keep` maps each layer's
     quantized weights to what the result holds (`tlq.calib.assemble.packer`: 8x less memory than int32 codes).
     """
     keep = keep or (lambda quantized: quantized)

@@ -3,7 +3,7 @@
     load + validate everything -> capture LM inputs once -> token importance (gradient pass)
     -> quantization-exposed layer loop -> assemble + atomic write
 
-Memory: each layer is packed as soon as it is calibrated (as on every rank of tlq/dist), the
+Memory: each layer is packed as soon as it is calibrated (as on every rank of tlq/multirank), the
 vision tower is dropped after capture, the model before the write (which reads the float
 tensors again from disk), and freed heap goes back to the OS between phases (`trim_heap`).
 """
@@ -28,7 +28,7 @@ from tlq.calib.capture import capture_samples
 from tlq.calib.config import CalibConfig
 from tlq.calib.importance import integrate, token_gradients, uniform_weights, weight_statistics
 from tlq.calib.layer_loop import WorkFolder, run_layer_loop
-from tlq.calib.memory import rss_mark, start_of_calibration, trim_heap, write_memory_record
+from tlq.calib.rss import rss_mark, start_of_calibration, trim_heap, write_memory_record
 from tlq.format.checkpoint import check_output_dir
 from tlq.model_io import SourceModel, open_source_model
 from tlq.quant.qparams import quantize_rtn
@@ -70,14 +70,14 @@ def calibrate(cfg: CalibConfig, progress: bool = True) -> Path:
                                 calibration, report, cfg.act_order, cfg.overwrite)
     rss_mark("written")
     shutil.rmtree(cfg.work_dir, ignore_errors=True)
-    if os.environ.get("TLQ_DIST_RECORD"):  # as each rank of tlq/dist does (benchmarks/multirank.py)
+    if os.environ.get("TLQ_DIST_RECORD"):  # as each rank of tlq/multirank does (benchmarks/multirank.py)
         write_memory_record(Path(os.environ["TLQ_DIST_RECORD"]), 0, {"rank": 0, "world": 1,
                                                                     "layers": [0, num_layers - 1]})
     return out
 
 
 def calibration_record(cfg: CalibConfig, samples, weights: list[dict], modalities) -> dict:
-    """The manifest's provenance section (also written by the multi-rank path, tlq/dist)."""
+    """The manifest's provenance section (also written by the multi-rank path, tlq/multirank)."""
     return {
         "method": cfg.method.name, "scheme": cfg.scheme.name, "seed": cfg.seed,
         "source_model": str(Path(cfg.model).resolve()),

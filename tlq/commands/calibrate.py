@@ -65,18 +65,18 @@ def calibrate(
         importance=ImportanceConfig(mode=spec.importance, max_tokens=max_tokens, drop_below=drop_below),
         overwrite=overwrite, resume=resume)
     if dry_run:
-        from tlq.calib.memory import estimate_memory, format_estimate
+        from tlq.multirank.estimate import estimate_memory, format_estimate
         typer.echo(format_estimate(estimate_memory(cfg, nproc)))
         return
     if nproc > 1:
-        from tlq.dist.launch import launch_torchrun
+        from tlq.multirank.launch import launch_torchrun
         code = launch_torchrun(nproc)
         if code:
             raise SystemExit(code)  # typer.Exit's code is lost under standalone_mode=False (tlq/cli.py)
         return
-    from tlq.dist.context import env_world_size
+    from tlq.multirank.context import env_world_size
     if env_world_size() > 1:  # started by torchrun: this process calibrates one stage
-        from tlq.dist.run import calibrate_distributed
+        from tlq.multirank.run import calibrate_distributed
         path = calibrate_distributed(cfg, progress=not quiet)
         if path is not None:  # rank 0
             _print_summary(path)

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tlq.dist.comm import Comm
-from tlq.dist.watchdog import Watchdog
 from tlq.errors import TLQError
+from tlq.multirank.comm import Comm
+from tlq.multirank.watchdog import Watchdog
 
 
 class PeerLost(TLQError):

@@ -6,7 +6,7 @@ import json
 import torch
 
 from tlq.calib.capture import CapturedSample
-from tlq.dist.context import RankContext
+from tlq.multirank.context import RankContext
 
 
 def share_samples(ctx: RankContext, captured: list[CapturedSample] | None) -> list[CapturedSample]:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from tlq.adapters import ModelAdapter, get_submodule
 from tlq.calib.capture import CapturedSample, to_device
 from tlq.calib.importance import RawImportance, backward_stage, forward_stage, sft_loss
-from tlq.dist.context import RankContext
+from tlq.multirank.context import RankContext
 
 
 def pipeline_gradients(ctx: RankContext, model, adapter: ModelAdapter, stage: range,

@@ -1,4 +1,4 @@
-"""`calibrate_distributed(cfg)`: this rank's part of a multi-rank calibration (see tlq/dist/__init__.py)."""
+"""`calibrate_distributed(cfg)`: this rank's part of a multi-rank calibration (see tlq/multirank/__init__.py)."""
 from __future__ import annotations
 
 import gc
@@ -17,19 +17,19 @@ from tlq.calib.capture import capture_samples
 from tlq.calib.config import CalibConfig
 from tlq.calib.importance import integrate, uniform_weights
 from tlq.calib.layer_loop import WorkFolder
-from tlq.calib.memory import peak_rss_mb, rss_mark, start_of_calibration, trim_heap, write_memory_record
 from tlq.calib.pipeline import calibration_record, load_samples, rtn_packed
-from tlq.dist.context import PeerLost, RankContext, init_rank
-from tlq.dist.exchange import all_agree, collect, mbq_gather, merge_weights, share_samples
-from tlq.dist.gradients import pipeline_gradients
-from tlq.dist.plan import plan_stages, tensor_bytes
-from tlq.dist.stage_loop import fp_prefetch, run_stage
-from tlq.dist.stage_model import LoadRecord, build_skeleton, materialize, read_tensors, share
-from tlq.dist.watchdog import ABORT_EXIT
-from tlq.dist.writer import finalize, remove_own_shards, temp_folder, write_shards
+from tlq.calib.rss import peak_rss_mb, rss_mark, start_of_calibration, trim_heap, write_memory_record
 from tlq.errors import TLQError
 from tlq.format.checkpoint import check_output_dir
 from tlq.model_io import open_source_model
+from tlq.multirank.context import PeerLost, RankContext, init_rank
+from tlq.multirank.exchange import all_agree, collect, mbq_gather, merge_weights, share_samples
+from tlq.multirank.gradients import pipeline_gradients
+from tlq.multirank.plan import plan_stages, tensor_bytes
+from tlq.multirank.stage_loop import fp_prefetch, run_stage
+from tlq.multirank.stage_model import LoadRecord, build_skeleton, materialize, read_tensors, share
+from tlq.multirank.watchdog import ABORT_EXIT
+from tlq.multirank.writer import finalize, remove_own_shards, temp_folder, write_shards
 
 log = logging.getLogger("tlq.calibrate")
 

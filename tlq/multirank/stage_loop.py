@@ -22,7 +22,7 @@ from tlq.adapters import ModelAdapter
 from tlq.calib.capture import CapturedSample
 from tlq.calib.config import CalibConfig
 from tlq.calib.layer_loop import LoopResult, WorkFolder, run_layer, run_layer_loop
-from tlq.dist.context import RankContext
+from tlq.multirank.context import RankContext
 
 
 def stream_bytes(stream: list) -> int:

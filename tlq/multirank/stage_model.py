@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from tlq.adapters import get_submodule
-from tlq.dist.plan import owner
 from tlq.errors import TLQError
 from tlq.model_io import SourceModel
+from tlq.multirank.plan import owner
 
 
 @dataclass

@@ -3,9 +3,9 @@
 A stand-in folder holds just the config.json of the published model (the dimensions below are
 copied from each Hugging Face repo's config.json); `--dry-run` builds the model skeleton on the
 meta device from it, so the per-rank estimate needs neither weights nor a download. Without a
-processor the token counts are assumed (see tlq/calib/memory.py).
+processor the token counts are assumed (see tlq/multirank/estimate.py).
 
-    python -m tlq.dist.standins OUT_DIR      # writes OUT_DIR/<name>/config.json for each model
+    python -m tlq.multirank.standins OUT_DIR      # writes OUT_DIR/<name>/config.json for each model
 """
 from __future__ import annotations
 

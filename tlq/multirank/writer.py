@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tlq.calib.assemble import checkpoint_config
 from tlq.atomic import write_json_atomic
+from tlq.calib.assemble import checkpoint_config
 from tlq.format.checkpoint import (
     INDEX,
     check_output_dir,

@@ -1,14 +1,14 @@
 """`tlq calibrate --dry-run`: per-rank peak memory, estimated without loading any weight.
 
 Tensor sizes come from the safetensors headers (names mapped to the model's modules by the
-skeleton built on the meta device, tlq/dist/stage_model.py); a folder with only a config.json
+skeleton built on the meta device, tlq/multirank/stage_model.py); a folder with only a config.json
 (a stand-in for a model not downloaded yet) uses the skeleton's shapes. Token counts come from
 encoding the calibration set with the folder's processor, else `tokens_per_sample` is assumed.
-Stages are the ones a run would use (tlq/dist/plan.py). Per rank, with S = tokens x hidden x dtype:
+Stages are the ones a run would use (tlq/multirank/plan.py). Per rank, with S = tokens x hidden x dtype:
 
   weights      the stage's decoder layers            extras   rank 0: vision tower, projector,
   streams      4 S in the layer loop (h_q, h_fp, y_fp,         embeddings; last rank: norm, lm_head
-               the next h_q), +1 S captured on rank 0, + FP targets computed ahead (tlq/dist)
+               the next h_q), +1 S captured on rank 0, + FP targets computed ahead (tlq/multirank)
   layer work   the largest group's fp32 inputs (x2 while concatenated, + the FP inputs for
                corrected exposure) + K x K fp32 Hessian work (x6 for corrected) + fp32 weight
                copies + the layer itself (x2 for corrected: the FP copy)
@@ -24,11 +24,8 @@ Stages are the ones a run would use (tlq/dist/plan.py). Per rank, with S = token
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tlq.adapters import adapter_for_model_type, get_submodule
 from tlq.calib.config import CalibConfig
@@ -85,7 +82,7 @@ def _source(cfg: CalibConfig):
 
 def _sizes(model, source) -> dict[str, tuple[int, int]]:
     """Module tensor name -> (numel, bytes in the model's dtype), from the headers when there are files."""
-    from tlq.dist.stage_model import disk_names
+    from tlq.multirank.stage_model import disk_names
     meta = model.state_dict(keep_vars=True)
     sizes = {k: (v.numel(), v.numel() * v.element_size()) for k, v in meta.items()}
     if source.weight_files():
@@ -114,9 +111,9 @@ def calibration_lengths(cfg: CalibConfig, source, tokens_per_sample: int | None)
 
 def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | None = None) -> MemoryEstimate:
     """Per-rank peak memory of `tlq calibrate` with `nproc` ranks (no weights are read)."""
-    from tlq.dist.context import DistConfig
-    from tlq.dist.plan import is_head, layer_index, plan_stages
-    from tlq.dist.stage_model import build_skeleton
+    from tlq.multirank.context import DistConfig
+    from tlq.multirank.plan import is_head, layer_index, plan_stages
+    from tlq.multirank.stage_model import build_skeleton
 
     source = _source(cfg)
     adapter, method, scheme = source.adapter, cfg.method, cfg.scheme
@@ -209,105 +206,3 @@ def format_estimate(est: MemoryEstimate) -> str:
     lines.append("extras: rank 0 vision tower + projector + embeddings, last rank final norm + lm_head; "
                  "device peak only for --device cuda (one layer at a time is on the GPU)")
     return "\n".join(lines)
-
-
-# --- measured, not estimated: this process's resident memory --------------------------------------
-
-def rss_mb() -> float:
-    """Current resident set size of this process (MiB), from /proc/self/statm (0 where absent)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MiB, ru_maxrss)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@functools.cache
-def _malloc_trim():
-    import ctypes
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def trim_heap() -> None:
-    """Give freed heap back to the OS (glibc `malloc_trim(0)`; a no-op elsewhere).
-
-    Peak RSS counts freed-but-kept heap: without this, what one layer's solver freed stays
-    resident, fragmented, under the next layer's peak (measured ~40 MiB per layer, medium fixture)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-# glibc's mallopt(M_MMAP_THRESHOLD): blocks at least this large get their own mapping, which goes
-# back to the OS the moment it is freed. Setting it also stops glibc from raising the threshold by
-# itself (up to 32 MiB) after a large block is freed, which would put a layer's K x K Hessians on the
-# heap, where what is freed stays resident: measured +300 MiB peak RSS on the medium fixture.
-MMAP_THRESHOLD = 4 * 2**20
-_M_MMAP_THRESHOLD = -3
-
-
-def limit_heap_slack() -> None:
-    """Large blocks straight from and back to the OS (glibc; a no-op elsewhere). Costs page faults
-    on each large allocation: measured <10% more time on the medium fixture."""
-    import ctypes
-    try:
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
-
-
-_START: dict = {}
-
-
-def start_of_calibration() -> None:
-    """Called once per process before any model work: note the RSS of the bare runtime
-    (interpreter, torch, tlq; the baseline a GPU run would not have on the card), limit heap slack."""
-    _START.setdefault("rss_mb", rss_mb())
-    limit_heap_slack()
-    rss_mark("imports")
-
-
-def write_memory_record(folder: Path, rank: int, data: dict) -> None:
-    """TLQ_DIST_RECORD (tests, benchmarks/multirank.py): rank<r>.json with `data`, this process's
-    peak RSS and its RSS at `start_of_calibration` (a single process writes rank0.json)."""
-    import json
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {**data, "peak_rss_mb": round(peak_rss_mb(), 1), "start_rss_mb": round(_START.get("rss_mb", 0.0), 1)}
-    tmp = folder / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, folder / f"rank{rank}.json")
-
-
-_TRACE: dict = {}
-
-
-def rss_mark(phase: str) -> None:
-    """TLQ_RSS_TRACE=1: print to stderr the RSS now, and the highest RSS sampled (every 10 ms)
-    since the previous mark. A debugging aid; without the variable it costs one lookup."""
-    if not os.environ.get("TLQ_RSS_TRACE"):
-        return
-    import sys
-    import threading
-    import time
-    if not _TRACE:
-        _TRACE.update(high=0.0, phase="start", t=time.time())
-
-        def sample():
-            while True:
-                _TRACE["high"] = max(_TRACE["high"], rss_mb())
-                time.sleep(0.01)
-        threading.Thread(target=sample, daemon=True).start()
-    now = rss_mb()
-    print(f"[rss pid {os.getpid()} rank {os.environ.get('RANK', '-')}] {_TRACE['phase']} -> {phase}: "
-          f"high {max(_TRACE['high'], now):.0f} MiB, now {now:.0f}, peak so far {peak_rss_mb():.0f}, "
-          f"{time.time() - _TRACE['t']:.1f} s", file=sys.stderr, flush=True)
-    _TRACE.update(high=now, phase=phase, t=time.time())

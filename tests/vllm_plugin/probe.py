@@ -4,7 +4,7 @@ Used by the end-to-end tests (one subprocess per architecture instead of one per
 with VLLM_ENABLE_V1_MULTIPROCESSING=0 the second model loads in ~3 s instead of ~30 s) and
 handy for manual parity checks:
 
-    python -m vllm_plugin.probe job.json out.json
+    python tests/vllm_plugin/probe.py job.json out.json
 
 job.json: {"models": [{"name": "q4", "path": "...", "env": {"TLQ_LINEAR_BACKEND": "torch"}}],
            "prompts": [{"text": "Describe", "image": true}], "max_tokens": 8, "logprobs": 5,
@@ -22,6 +22,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from tlq.atomic import write_json_atomic
 
 DEFAULT_LLM_KWARGS = {"enforce_eager": True, "max_model_len": 1024, "limit_mm_per_prompt": {"image": 1},
                       "seed": 0}
@@ -88,10 +90,7 @@ def run_job(job: dict) -> dict:
 def main(argv: list[str]) -> None:
     job = json.loads(Path(argv[0]).read_text())
     report = run_job(job)
-    out = Path(argv[1])
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)
+    write_json_atomic(Path(argv[1]), report)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from tlq.calib.config import CalibConfig, get_method
-from tlq.calib.memory import ASSUMED_TOKENS_PER_SAMPLE, estimate_memory, format_estimate
+from tlq.multirank.estimate import ASSUMED_TOKENS_PER_SAMPLE, estimate_memory, format_estimate
 from tlq.cli import main
 from tlq.schemes import get_scheme
 
@@ -51,15 +51,3 @@ def test_dry_run_prints_one_row_per_rank(qwen2_vl_dir, tmp_path, capsys, nproc):
     assert len(rows) == nproc
     assert not (tmp_path / "o").exists()
 
-
-def test_memory_record_and_heap_helpers(tmp_path, monkeypatch):
-    from tlq.calib import memory
-    monkeypatch.delenv("TLQ_RSS_TRACE", raising=False)
-    memory.start_of_calibration()  # notes the start RSS, sets the mmap threshold (glibc)
-    memory.trim_heap()
-    memory.write_memory_record(tmp_path / "rec", 1, {"rank": 1})
-    import json
-    data = json.loads((tmp_path / "rec" / "rank1.json").read_text())
-    assert data["rank"] == 1 and 0 < data["start_rss_mb"] <= data["peak_rss_mb"]
-    assert data["peak_rss_mb"] >= memory.rss_mb() * 0.5  # same units (MiB) as the current RSS
-    assert [p.name for p in (tmp_path / "rec").iterdir()] == ["rank1.json"]  # no temporary file left
