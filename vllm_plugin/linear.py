@@ -12,7 +12,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_
 
 from vllm_plugin import backends
 from vllm_plugin.params import create_tlq_params
-from vllm_plugin.spec import ServeSpec, check_group_divides, check_tensor_parallel
+from vllm_plugin.spec import ServeSpec, check_group_divides
 from vllm_plugin.weights import LoadedWeight, unpack_codes
 
 
@@ -30,7 +30,6 @@ class TLQLinearMethod(LinearMethodBase):
                        output_partition_sizes: list[int], input_size: int, output_size: int,
                        params_dtype: torch.dtype, **extra_weight_attrs) -> None:
         check_group_divides(self.prefix, input_size, self.spec)
-        check_tensor_parallel(self.prefix, input_size, input_size_per_partition, self.spec)
         create_tlq_params(layer, self.spec, input_size_per_partition, output_partition_sizes, input_size,
                           params_dtype, extra_weight_attrs.get("weight_loader"))
         layer.tlq_shape = (input_size, output_size)
@@ -40,6 +39,8 @@ class TLQLinearMethod(LinearMethodBase):
     def loaded_weight(self, layer: torch.nn.Module) -> LoadedWeight:
         """What the loader put in the layer's parameters, unpacked to codes and zero points."""
         k_part, shard_sizes = layer.tlq_partition
+        if layer.tlq_window is not None:  # a row window of whole groups around this rank's slice
+            k_part = layer.tlq_window.length
         codes = unpack_codes(layer.qweight.data, self.spec.bits, k_part)
         zeros = None
         if hasattr(layer, "qzeros") and layer.qzeros is not None:
@@ -49,9 +50,10 @@ class TLQLinearMethod(LinearMethodBase):
                             group_size=self.spec.group_size, g_idx=g_idx, shard_sizes=tuple(shard_sizes))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        lw = self.loaded_weight(layer)
         k_full, n_full = layer.tlq_shape
-        self.backend, served = backends.choose(layer, lw, self.spec, self.prefix, k_full, n_full)
+        job = backends.LayerJob(self.loaded_weight(layer), self.spec, self.prefix, k_full, n_full,
+                                layer.tlq_window)
+        self.backend, served = backends.choose(layer, job)
         self.recorder.layer_served(self.prefix, served)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,19 +2,17 @@
 
 `ServeSpec.from_quant_config` reads config.json's `quantization_config` (docs/format.md) and
 refuses anything the plugin cannot serve with a `CheckpointError` naming the field and the fix.
-`check_tensor_parallel` refuses a row-parallel split that would cut a packed run or a scale group.
+Row splits that cut a packed run or a scale group are served with row windows (vllm_plugin/params.py).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from tlq.errors import CheckpointError, TLQError
+from tlq.errors import CheckpointError
 
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (-1, 32, 64, 128)
-RUN = 32  # codes per packed run (docs/format.md, "Packing")
 DEFAULT_IGNORE = ("visual", "vision_tower", "multi_modal_projector", "lm_head")
 
 
@@ -90,31 +88,6 @@ def is_ignored(prefix: str, fragments) -> bool:
     """True when a fragment matches a whole dot-separated run of `prefix` (tlq.adapters rule)."""
     from tlq.adapters import is_ignored as _is_ignored
     return _is_ignored(prefix, fragments)
-
-
-def row_split_unit(spec: ServeSpec) -> int:
-    """K per rank must be a multiple of this: whole packed runs, whole scale groups."""
-    if spec.group_size == -1 or spec.act_order:  # act-order scales are replicated on every rank
-        return RUN
-    return math.lcm(RUN, spec.group_size)
-
-
-def working_tp_sizes(k: int, unit: int, limit: int = 16) -> list[int]:
-    return [t for t in range(1, limit + 1) if k % t == 0 and (k // t) % unit == 0]
-
-
-def check_tensor_parallel(prefix: str, k: int, k_per_rank: int, spec: ServeSpec) -> None:
-    """Refuse a row-parallel layer whose K split would cut a packed run or a scale group."""
-    if k == k_per_rank:
-        return
-    unit = row_split_unit(spec)
-    if k_per_rank % unit:
-        tp = k // k_per_rank
-        ok = working_tp_sizes(k, unit)
-        raise TLQError(f"layer {prefix}: tensor-parallel size {tp} gives each rank {k_per_rank} of its {k} "
-                       f"input channels, not a multiple of {unit} (packed runs of {RUN} codes and groups of "
-                       f"{spec.group_size}), so a group would straddle two ranks; use tensor-parallel size "
-                       f"{' or '.join(map(str, ok))}, or re-quantize with a smaller group size")
 
 
 def check_group_divides(prefix: str, k: int, spec: ServeSpec) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 pytest.importorskip("vllm", reason="vllm is not importable here")
 pytestmark = pytest.mark.vllm
 
-from tlq.errors import CheckpointError, TLQError
+from tlq.errors import CheckpointError
 from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8, quantize_rtn
 from vllm_plugin.spec import ServeSpec
 from vllm_plugin.weights import LoadedWeight
@@ -53,7 +53,7 @@ def serve(qw: QuantizedWeight, spec: ServeSpec, shard_sizes=None):
     from vllm_plugin import backends
     layer = bare_layer()
     lw = loaded(qw, shard_sizes)
-    backend, served = backends.choose(layer, lw, spec, "test.layer", lw.k, lw.n)
+    backend, served = backends.choose(layer, backends.LayerJob(lw, spec, "test.layer", lw.k, lw.n))
     return layer, backend, served
 
 
@@ -162,7 +162,8 @@ def test_act_order_with_different_shard_permutations_falls_back():
                          torch.stack([a.g_idx, b.g_idx]).long(), (64, 32))
     from vllm_plugin import backends
     layer = bare_layer()
-    backend, served = backends.choose(layer, fused, spec_of(4, 32, True, desc_act=True), "qkv", 128, 96)
+    job = backends.LayerJob(fused, spec_of(4, 32, True, desc_act=True), "qkv", 128, 96)
+    backend, served = backends.choose(layer, job)
     assert served.kernel == "torch" and "different act-order" in served.numerics
     x = x_in(128)
     ref = F.linear(x, torch.cat([a.dequantize(DTYPE), b.dequantize(DTYPE)]))
@@ -282,12 +283,19 @@ def test_verify_refuses_a_damaged_checkpoint(qwen2_vl_dir, tmp_path):
         verify_model_folder(str(ckpt), spec)
 
 
-def test_row_parallel_refusal_from_create_weights():
+def test_row_parallel_split_inside_a_group_gets_a_window_not_an_error(monkeypatch):
+    """704 of 2816 inputs per rank (TP=4) is 5.5 groups of 128: rank 1 loads groups 5..11, padded 64/64."""
+    import vllm.model_executor.parameter as p
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     from vllm_plugin.config import TLQConfig
+    monkeypatch.setattr(p, "get_tensor_model_parallel_rank", lambda: 1)
     cfg = TLQConfig.from_config(qcfg(group_size=128))
     layer = RowParallelLinear.__new__(RowParallelLinear)
     method = cfg.get_quant_method(layer, "language_model.model.layers.3.mlp.down_proj")
-    with pytest.raises(TLQError, match="layers.3.mlp.down_proj.*tensor-parallel size 1 or 2 or 11"):
-        method.create_weights(torch.nn.Module(), 704, [1024], 2816, 1024, DTYPE, weight_loader=None)
+    module = torch.nn.Module()
+    method.create_weights(module, 704, [1024], 2816, 1024, DTYPE, weight_loader=None)
+    w = module.tlq_window
+    assert (w.start, w.length, w.pad_front, w.pad_back) == (640, 768, 64, 0)
+    assert module.qweight.shape == (96, 1024) and module.scales.shape == (6, 1024)
+    assert module.qweight.tlq_rows == (80, 96) and module.scales.tlq_rows == (5, 6)

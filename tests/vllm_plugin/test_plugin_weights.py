@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlq.errors import CheckpointError, TLQError
+from tlq.errors import CheckpointError
 from tlq.format.checkpoint import pack_linear
 from tlq.format.packing import pack
 from tlq.quant.qparams import QuantizedWeight, quantize_rtn
-from vllm_plugin.spec import ServeSpec, check_tensor_parallel, row_split_unit, working_tp_sizes
+from vllm_plugin.spec import ServeSpec
 from vllm_plugin.weights import (
     LoadedWeight,
     act_order_permutation,
@@ -155,21 +155,3 @@ def test_spec_refuses_missing_fields():
     del cfg["sym"]
     with pytest.raises(CheckpointError, match="lacks sym"):
         ServeSpec.from_quant_config(cfg)
-
-
-def test_tensor_parallel_check_names_layer_and_working_sizes():
-    spec = ServeSpec.from_quant_config(qcfg(group_size=128))
-    check_tensor_parallel("x.o_proj", 2816, 2816, spec)  # not row-parallel: nothing to check
-    check_tensor_parallel("x.down_proj", 2816, 1408, spec)  # 1408 = 11 * 128
-    with pytest.raises(TLQError) as err:
-        check_tensor_parallel("language_model.model.layers.0.mlp.down_proj", 2816, 704, spec)
-    msg = str(err.value)
-    assert "language_model.model.layers.0.mlp.down_proj" in msg and "tensor-parallel size 4" in msg
-    assert "1 or 2 or 11" in msg
-
-
-def test_row_split_unit_and_working_sizes():
-    assert row_split_unit(ServeSpec.from_quant_config(qcfg(group_size=64))) == 64
-    assert row_split_unit(ServeSpec.from_quant_config(qcfg(group_size=-1))) == 32
-    assert row_split_unit(ServeSpec.from_quant_config(qcfg(group_size=128, desc_act=True))) == 32
-    assert working_tp_sizes(512, 128) == [1, 2, 4]
