@@ -19,6 +19,8 @@ from tlq.errors import TLQError
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
 # Row-parallel linears: tensor parallelism splits their input dimension (K) across ranks.
 ROW_PARALLEL_SUFFIXES = ("o_proj", "down_proj", "out_proj", "fc2")
+# --cpu-int4: numerics of 4-bit weight-only layers on the CPU build (read by vllm_plugin/backends.py)
+CPU_INT4_MODES = ("exact", "fast")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,10 @@ class ServeConfig:
         startup_timeout: seconds to wait for /health before giving up.
         device: "cpu" or "cuda"; detected when None.
         verify: hash-check the checkpoint before starting.
+        cpu_int4: CPU numerics of 4-bit weight-only layers: "exact" (W4A16: 16-bit activations times
+            the dequantized weights) or "fast" (int4 x int8: activations quantized to int8 per token,
+            on AMX CPUs with bf16 activations; exact elsewhere). Sets TLQ_CPU_FAST_INT4 and vLLM's
+            VLLM_CPU_INT4_W4A8 for the server, so compressed-tensors checkpoints follow it too.
         extra_args: passed through to `vllm serve` verbatim, last (they win).
     """
 
@@ -115,7 +121,12 @@ class ServeConfig:
     startup_timeout: float = 600.0
     device: str | None = None
     verify: bool = True
+    cpu_int4: str = "exact"
     extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.cpu_int4 not in CPU_INT4_MODES:
+            raise TLQError(f"--cpu-int4 must be one of {', '.join(CPU_INT4_MODES)}, got {self.cpu_int4!r}")
 
     @property
     def base_url(self) -> str:
@@ -142,24 +153,32 @@ def cpu_thread_binding(tp: int, cores: list[int] | None = None) -> str:
     return "|".join(ranges)
 
 
-def check_tensor_parallel(defaults: ModelDefaults, tp: int) -> None:
-    """Refuse a TP size the model cannot be split into, before a minute of vLLM start-up is spent."""
+def check_tensor_parallel(defaults: ModelDefaults, tp: int) -> str | None:
+    """Refuse a TP size the model cannot be split into, before a minute of vLLM start-up is spent.
+
+    Returns a note when some row-parallel layer's per-rank input is not whole quantization groups:
+    the plugin serves those layers exactly with padded group windows (tlq.format.tensor_parallel).
+    """
     if tp < 1:
         raise TLQError(f"--tp must be at least 1, got {tp}")
     if tp == 1:
-        return
+        return None
     if defaults.num_heads and defaults.num_heads % tp:
         raise TLQError(f"{defaults.name} has {defaults.num_heads} attention heads, not divisible by --tp {tp}; "
                        "choose a TP size that divides it")
     if not defaults.quantized:
-        return
+        return None
     from tlq.format.checkpoint import read_checkpoint_info
+    from tlq.format.tensor_parallel import tp_advice
+    inputs, group = {}, -1
     for layer, linfo in read_checkpoint_info(defaults.path).quantized_layers.items():
-        k, g = linfo["shape"][1], linfo["group_size"]
-        if layer.rsplit(".", 1)[-1] in ROW_PARALLEL_SUFFIXES and g > 0 and (k % tp or (k // tp) % g):
-            raise TLQError(f"{layer} has input size {k}: split over --tp {tp} its quantization groups of {g} "
-                           f"would straddle ranks; use a TP size with (K/TP) % {g} == 0, or calibrate with "
-                           "--group-size -1 (see docs/serving.md)")
+        k, group = linfo["shape"][1], linfo["group_size"]
+        if layer.rsplit(".", 1)[-1] in ROW_PARALLEL_SUFFIXES:
+            if k % tp:
+                raise TLQError(f"{layer} has input size {k}, not divisible by --tp {tp}; choose a TP size "
+                               "that divides it")
+            inputs[layer] = k
+    return tp_advice(inputs, tp, group)
 
 
 def resolve(cfg: ServeConfig, defaults: ModelDefaults) -> ServeConfig:
@@ -203,6 +222,8 @@ def vllm_env(cfg: ServeConfig, run_dir: Path, base: dict | None = None) -> dict[
         TORCHINDUCTOR_CACHE_DIR=str(run_dir / "cache" / "inductor"),
         TRITON_CACHE_DIR=str(run_dir / "cache" / "triton"),
     )
+    # a fatal signal in any vLLM process prints its Python stack to the log (serve/failure.py)
+    env["PYTHONFAULTHANDLER"] = "1"
     env.pop("VLLM_API_KEY", None)
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key
@@ -212,7 +233,40 @@ def vllm_env(cfg: ServeConfig, run_dir: Path, base: dict | None = None) -> dict[
         # the first request would otherwise compile C++ kernels for 12-17 s
         env.setdefault("TORCHDYNAMO_DISABLE", "1")
         env.setdefault("OMP_NUM_THREADS", "1")
+        fast = "1" if cfg.cpu_int4 == "fast" else "0"
+        env["TLQ_CPU_FAST_INT4"] = fast  # the tlq plugin's layers
+        env["VLLM_CPU_INT4_W4A8"] = fast  # vLLM's own CPUWNA16 (compressed-tensors checkpoints)
         if cfg.tp > 1:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(cfg.tp))
     return env
 
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def numerics_line(cfg: ServeConfig, flags: set[str] | None = None) -> str:
+    """What 4-bit weight-only layers compute on this machine, for the start-up output."""
+    if cfg.device != "cpu":
+        return "numerics: vLLM's GPU kernels (--cpu-int4 applies to the CPU build only)"
+    if cfg.cpu_int4 == "exact":
+        return ("numerics: exact W4A16 on CPU (16-bit activations x dequantized int4 weights; "
+                "--cpu-int4 fast trades it for int4 x int8 speed on AMX CPUs)")
+    flags = cpu_flags() if flags is None else flags
+    missing = [f for f in ("amx_tile", "amx_int8") if f not in flags]
+    if missing:
+        why = f"this CPU lacks {', '.join(missing)}"
+    elif cfg.dtype != "bfloat16":
+        why = f"it needs bfloat16 activations, not {cfg.dtype}"
+    else:
+        return ("numerics: fast int4 x int8 on CPU (AMX: activations quantized to int8 per token, "
+                "outputs differ slightly from exact W4A16; the plugin logs the kernel per layer)")
+    return (f"numerics: --cpu-int4 fast requested, but {why}: exact W4A16 on CPU "
+            "(the plugin logs the kernel per layer)")

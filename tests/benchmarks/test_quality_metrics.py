@@ -93,8 +93,8 @@ def test_run_cell_w4a8_adds_activation_quantization_and_resumes(qwen2_vl_dir, sp
     again = RunLog(tmp_path / "results.jsonl")
     assert run_cell("tiny", qwen2_vl_dir, grid.SETTINGS["w4a8"], "rtn", 0, opts, split["calib"], tmp_path,
                     evalset, reference, again) == rec and len(again.records) == 1
+    from tlq import calibrate
     from tlq.calib.config import CalibConfig
-    from tlq.calib.pipeline import calibrate
     ckpt = calibrate(CalibConfig(model=qwen2_vl_dir, out=tmp_path / "ck", method=grid.method_spec("rtn"),
                                  scheme=grid.SETTINGS["w4a8"].scheme), progress=False)
     quantized, _ = evaluate.load_for_eval(ckpt, quantized=True)

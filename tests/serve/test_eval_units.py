@@ -82,8 +82,8 @@ def test_config_validation():
 
 @pytest.fixture(scope="module")
 def rtn_w3_ckpt(qwen2_vl_dir, tmp_path_factory):
+    from tlq import calibrate
     from tlq.calib.config import CalibConfig, get_method
-    from tlq.calib.pipeline import calibrate
     from tlq.schemes import get_scheme
     out = tmp_path_factory.mktemp("eval") / "tiny-rtn-w3"
     return calibrate(CalibConfig(model=qwen2_vl_dir, out=out, method=get_method("rtn"),

@@ -1,7 +1,6 @@
 """`tlq calibrate`: quantize a model folder into a packed checkpoint."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -9,9 +8,8 @@ from typing import Optional
 
 import typer
 
-from tlq.calib.config import METHODS, CalibConfig, ImportanceConfig, get_method
-from tlq.errors import TLQError
-from tlq.schemes import SCHEMES, get_scheme
+from tlq.calib.config import METHODS
+from tlq.schemes import SCHEMES
 
 
 def calibrate(
@@ -40,31 +38,21 @@ def calibrate(
     resume: bool = typer.Option(True, help="continue an interrupted run from its last finished layer"),
     dry_run: bool = typer.Option(False, help="print the peak memory estimate and exit"),
     nproc: int = typer.Option(1, help="layer-sharded calibration over N processes (starts torchrun)"),
+    tp: Optional[int] = typer.Option(None, help="tensor-parallel size you will serve with: warns when a row-parallel "
+                                     "layer's inputs per rank are not whole groups, and offers a group size that is"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Quantize MODEL with METHOD under SCHEME and write a packed checkpoint to OUT."""
+    import tlq.api
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    spec = get_method(method)
-    overrides = {}
-    if importance is not None:
-        overrides["importance"] = importance
-    if exposure is not None:
-        overrides["exposure"] = exposure
-    if input_scaling is not None:
-        overrides["input_scaling"] = input_scaling
-    if overrides:
-        spec = dataclasses.replace(spec, **overrides)
-    if device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise TLQError("--device cuda was given but torch sees no CUDA device; use --device cpu")
-    cfg = CalibConfig(
-        model=model, out=out, method=spec, scheme=get_scheme(scheme).with_overrides(group_size, sym),
-        calib=calib, max_samples=max_samples, seed=seed, device=device, act_order=act_order, damp=damp,
-        exposure_strength=exposure_strength,
-        importance=ImportanceConfig(mode=spec.importance, max_tokens=max_tokens, drop_below=drop_below),
-        overwrite=overwrite, resume=resume)
-    if dry_run:
+    cfg = tlq.api.make_config(
+        model, out, method=method, scheme=scheme, calib=calib, group_size=group_size, sym=sym,
+        importance=importance, exposure=exposure, input_scaling=input_scaling, max_tokens=max_tokens,
+        drop_below=drop_below, max_samples=max_samples, seed=seed, device=device, act_order=act_order, damp=damp,
+        exposure_strength=exposure_strength, overwrite=overwrite, resume=resume)
+    if tp is not None:
+        _warn_tensor_parallel(cfg, tp)
+    if dry_run:  # plans only: needs no GPU, even for --device cuda
         from tlq.multirank.estimate import estimate_memory, format_estimate
         typer.echo(format_estimate(estimate_memory(cfg, nproc)))
         return
@@ -74,16 +62,24 @@ def calibrate(
         if code:
             raise SystemExit(code)  # typer.Exit's code is lost under standalone_mode=False (tlq/cli.py)
         return
-    from tlq.multirank.context import env_world_size
-    if env_world_size() > 1:  # started by torchrun: this process calibrates one stage
-        from tlq.multirank.run import calibrate_distributed
-        path = calibrate_distributed(cfg, progress=not quiet)
-        if path is not None:  # rank 0
-            _print_summary(path)
-        return
-    from tlq.calib.pipeline import calibrate as run
-    path = run(cfg, progress=not quiet)
-    _print_summary(path)
+    path = tlq.api.run(cfg, progress=not quiet)
+    if path is not None:  # None on the ranks other than 0 of a torchrun
+        _print_summary(path)
+
+
+def _warn_tensor_parallel(cfg, tp: int) -> None:
+    from tlq.calib.assemble import decoder_linear_names
+    from tlq.errors import TLQError
+    from tlq.format.tensor_parallel import tp_advice
+    from tlq.model_io import open_source_model
+    if tp < 1:
+        raise TLQError(f"--tp must be at least 1, got {tp}")
+    source = open_source_model(cfg.model)
+    shapes = source.tensor_shapes()
+    inputs = {name: shapes[f"{name}.weight"][1] for name in decoder_linear_names(source)}
+    advice = tp_advice(inputs, tp, cfg.scheme.group_size)
+    if advice:
+        typer.secho(f"warning: {advice}", fg=typer.colors.YELLOW, err=True)
 
 
 def _print_summary(path: Path) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from tlq.format.packing import RUN
 
 SERVABLE_GROUP_SIZES = (128, 64, 32)  # group sizes the serving kernels take, largest first
+ROW_PARALLEL_SUFFIXES = ("o_proj", "down_proj", "out_proj", "fc2")  # linears vLLM splits along K
 
 
 def row_unit(group_size: int, act_order: bool = False) -> int:
@@ -80,8 +81,10 @@ def whole_group_sizes(k_values, tp: int) -> list[int]:
 def tp_advice(layer_inputs: dict[str, int], tp: int, group_size: int) -> str | None:
     """One warning naming the layers whose per-rank input is not whole groups at TP=tp, or None.
 
-    `layer_inputs` maps a linear's name to its input size K.
+    `layer_inputs` maps a linear's name to its input size K; only row-parallel linears split K.
     """
+    layer_inputs = {name: k for name, k in layer_inputs.items()
+                    if name.rsplit(".", 1)[-1] in ROW_PARALLEL_SUFFIXES}
     cut = {name: k for name, k in layer_inputs.items() if misaligned(k, tp, group_size)}
     if not cut:
         return None
