@@ -29,7 +29,7 @@ RUNNER = r"""
 import json, resource, sys, time
 t = time.time()
 from tlq.calib.config import CalibConfig, get_method
-from tlq.calib.pipeline import calibrate
+from tlq import calibrate
 from tlq.schemes import get_scheme
 model, out, method, scheme, calib = sys.argv[1:6]
 calibrate(CalibConfig(model=model, out=out, method=get_method(method), scheme=get_scheme(scheme),

@@ -5,7 +5,7 @@
 
 For each model (Qwen2-VL, LLaVA-OneVision, trained by benchmarks/fixtures/train.py) x setting
 (W3A16 g128, W4A8, W4A16 g128, W2A16 g64) x method (RTN, GPTQ, AWQ, SmoothQuant for W4A8, MBQ,
-TLQ and its ablations) x calibration seed: calibrate with tlq.calib.pipeline.calibrate, load the
+TLQ and its ablations) x calibration seed: calibrate with tlq.calibrate, load the
 checkpoint with tlq.format.dequantize.load_dequantized, and measure KL to FP on answer tokens
 (primary) and greedy exact match per question type. Also checks that the fixtures are sensitive
 to quantization (RTN g64 at 4/3/2 bits). Writes results.jsonl (resumable), quality.json,

@@ -148,8 +148,8 @@ def ensure_checkpoint(cell: Cell, args) -> tuple[Path, float]:
     if (ckpt / "config.json").is_file():
         _say(f"{cell.name}: reusing checkpoint {ckpt}")
         return ckpt, 0.0
+    from tlq import calibrate
     from tlq.calib.config import CalibConfig, get_method
-    from tlq.calib.pipeline import calibrate
     from tlq.schemes import get_scheme
     _say(f"{cell.name}: calibrating into {ckpt}")
     t0 = time.time()

@@ -71,8 +71,8 @@ def calibration_file(pool: Path, work: Path, n: int, seed: int) -> Path:
 def run_cell(model_name: str, model_dir: Path, setting: Setting, method: str, seed: int, opts: RunOptions,
              pool: Path, work: Path, evalset: EvalSet, reference: list, log: RunLog) -> dict:
     """Calibrate, evaluate and record one cell (or return its earlier record)."""
+    from tlq import calibrate
     from tlq.calib.config import CalibConfig, ImportanceConfig
-    from tlq.calib.pipeline import calibrate
 
     base = {"model": model_name, "setting": setting.label, "method": method, "seed": seed,
             "options": options_key(opts)}

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
+from tlq import calibrate
 from tlq.calib.config import METHODS, CalibConfig, get_method
-from tlq.calib.pipeline import calibrate
 from tlq.format.checkpoint import dequantized_state_dict, verify_checkpoint
 from tlq.schemes import get_scheme
 
@@ -60,7 +60,7 @@ def test_resume_after_kill_gives_identical_checkpoint(qwen2_vl_dir, tmp_path):
 def test_resume_ignores_work_of_a_different_run(qwen2_vl_dir, tmp_path):
     base = dict(model=qwen2_vl_dir, out=tmp_path / "ck", scheme=get_scheme("w4a16"), max_samples=4)
     env_die = {"TLQ_TEST_DIE_AFTER_LAYER": "0"}
-    script = ("import sys; from tlq.calib.config import *; from tlq.calib.pipeline import calibrate; "
+    script = ("import sys; from tlq.calib.config import *; from tlq import calibrate; "
               "from tlq.schemes import get_scheme; "
               f"calibrate(CalibConfig(model={str(qwen2_vl_dir)!r}, out={str(tmp_path / 'ck')!r}, "
               "method=get_method('gptq'), scheme=get_scheme('w4a16'), max_samples=4), progress=False)")

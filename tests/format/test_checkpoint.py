@@ -5,11 +5,16 @@ import shutil
 import pytest
 import torch
 
+from tlq import calibrate
 from tlq.calib.config import CalibConfig, get_method
-from tlq.calib.pipeline import calibrate
 from tlq.errors import CheckpointError, TLQError
-from tlq.format.checkpoint import (dequantized_state_dict, load_tensors, pack_linear, unpack_linear,
-                                   verify_checkpoint)
+from tlq.format.checkpoint import (
+    dequantized_state_dict,
+    load_tensors,
+    pack_linear,
+    unpack_linear,
+    verify_checkpoint,
+)
 from tlq.quant.qparams import quantize_rtn
 from tlq.schemes import get_scheme
 

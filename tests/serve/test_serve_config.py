@@ -24,8 +24,8 @@ from tlq.errors import CheckpointError, TLQError
 
 @pytest.fixture(scope="module")
 def rtn_ckpt(qwen2_vl_dir, tmp_path_factory) -> Path:
+    from tlq import calibrate
     from tlq.calib.config import CalibConfig, get_method
-    from tlq.calib.pipeline import calibrate
     from tlq.schemes import get_scheme
     out = tmp_path_factory.mktemp("serve-cfg") / "tiny-rtn"
     return calibrate(CalibConfig(model=qwen2_vl_dir, out=out, method=get_method("rtn"),

@@ -53,8 +53,8 @@ def _post(url: str, body: dict, key: str | None = KEY) -> tuple[int, dict]:
 def server(qwen2_vl_dir, tmp_path_factory):
     import psutil
 
+    from tlq import calibrate
     from tlq.calib.config import CalibConfig, get_method
-    from tlq.calib.pipeline import calibrate
     from tlq.schemes import get_scheme
 
     work = tmp_path_factory.mktemp("serve-e2e")

@@ -266,8 +266,8 @@ def test_summary_is_logged_once_all_layers_are_served(caplog):
 
 
 def test_verify_refuses_a_damaged_checkpoint(qwen2_vl_dir, tmp_path):
+    from tlq import calibrate
     from tlq.calib.config import CalibConfig, get_method
-    from tlq.calib.pipeline import calibrate
     from tlq.schemes import get_scheme
     from vllm_plugin.config import verify_model_folder
     ckpt = calibrate(CalibConfig(model=qwen2_vl_dir, out=tmp_path / "q", method=get_method("rtn"),

@@ -1,6 +1,6 @@
 """Turn calibration results into a checkpoint: packed linears + untouched float tensors.
 
-One process (calib/pipeline.py) and every rank of tlq/multirank pack each layer as soon as it is
+One process (calib/single.py) and every rank of tlq/multirank pack each layer as soon as it is
 calibrated (`packer`) and assemble the stored tensors the same way (`stored_tensors`).
 """
 from __future__ import annotations

@@ -72,7 +72,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from tlq.bench import BenchConfig
     from tlq.bench.loadgen import run_bench
     from tlq.calib.config import CalibConfig, get_method
-    from tlq.calib.pipeline import calibrate
+    from tlq import calibrate
     from tlq.data.calib import bundled_calibration_path
     from tlq.fixtures import ensure_fixture
     from tlq.schemes import get_scheme

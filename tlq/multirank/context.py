@@ -42,7 +42,7 @@ class DistConfig:
         backend: gloo | nccl | auto: nccl when calibrating on CUDA, else gloo (TLQ_DIST_BACKEND).
         record_dir: if set (TLQ_DIST_RECORD), each rank writes rank<r>.json there at the end: the
             tensor names it read from the safetensors files, its peak RSS and its RSS at start
-            (tests, benchmarks; a single process writes rank0.json, calib/pipeline.py).
+            (tests, benchmarks; a single process writes rank0.json, calib/single.py).
     """
 
     timeout_s: float = 1800.0

@@ -96,7 +96,7 @@ def _sizes(model, source) -> dict[str, tuple[int, int]]:
 
 def calibration_lengths(cfg: CalibConfig, source, tokens_per_sample: int | None) -> tuple[list[int], bool]:
     """Tokens per calibration sample, and whether they were counted (True) or assumed."""
-    from tlq.calib.pipeline import load_samples
+    from tlq.calib.phases import load_samples
     samples = load_samples(cfg)
     if tokens_per_sample is None:
         try:

@@ -9,19 +9,22 @@ import traceback
 import uuid
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from tlq.calib.assemble import check_group_size, decoder_linear_names, packer, stored_tensors
+from tlq.calib.assemble import decoder_linear_names, packer, stored_tensors
 from tlq.calib.capture import capture_samples
 from tlq.calib.config import CalibConfig
 from tlq.calib.importance import integrate, uniform_weights
 from tlq.calib.layer_loop import WorkFolder
-from tlq.calib.pipeline import calibration_record, load_samples, rtn_packed
-from tlq.calib.rss import peak_rss_mb, rss_mark, start_of_calibration, trim_heap, write_memory_record
+from tlq.calib.phases import (
+    calibration_record,
+    check_unused_calibration,
+    load_samples,
+    open_and_check,
+    rtn_packed,
+)
+from tlq.calib.rss import peak_rss_mb, rss_mark, trim_heap, write_memory_record
 from tlq.errors import TLQError
-from tlq.format.checkpoint import check_output_dir
-from tlq.model_io import open_source_model
 from tlq.multirank.context import PeerLost, RankContext, init_rank
 from tlq.multirank.exchange import all_agree, collect, mbq_gather, merge_weights, share_samples
 from tlq.multirank.gradients import pipeline_gradients
@@ -71,11 +74,7 @@ def _fail(ctx: RankContext, exc: BaseException) -> None:
 
 def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | None:
     t0 = time.time()
-    start_of_calibration()
-    source = open_source_model(cfg.model)
-    check_output_dir(cfg.out, cfg.overwrite)
-    check_group_size(source, cfg.scheme)
-    torch.manual_seed(cfg.seed)
+    source = open_and_check(cfg)
     tmp = temp_folder(cfg.out, _run_id(ctx))
     ctx.watchdog.add_cleanup((lambda: shutil.rmtree(tmp, ignore_errors=True)) if ctx.is_first
                              else (lambda: remove_own_shards(tmp, ctx.rank)))
@@ -93,6 +92,8 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
         quantized, overrides, stats, weights, modalities = _calibrate_stage(ctx, cfg, source, model, mine, stage,
                                                                             samples, record, progress)
     else:
+        if ctx.is_first:
+            check_unused_calibration(cfg)
         quantized, overrides, stats = _rtn_share(source, mine, cfg, record), {}, []
     del model
     gc.collect()
@@ -175,7 +176,7 @@ def _rtn_share(source, mine: dict[str, str], cfg: CalibConfig, record: LoadRecor
 def _assemble(ctx: RankContext, cfg: CalibConfig, source, tmp: Path, summaries: list[dict], samples, weights,
               modalities, t0: float) -> Path:
     if samples is None:
-        calibration = {"method": "rtn", "scheme": cfg.scheme.name, "seed": cfg.seed, "samples": []}
+        calibration = calibration_record(cfg)
     else:
         if cfg.method.needs_gradients:
             weights = merge_weights([s["weights"] for s in summaries], ctx.world)
