@@ -22,8 +22,9 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
+from tlq.adapters import is_ignored
 from tlq.errors import CheckpointError
-from vllm_plugin.spec import ServeSpec, is_ignored
+from vllm_plugin.spec import ServeSpec
 
 NAME = "tlq"
 SKIP_VERIFY_ENV = "TLQ_SKIP_VERIFY"
@@ -62,7 +63,7 @@ class TLQConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TLQConfig:
-        return cls(ServeSpec.from_quant_config(config))
+        return cls(ServeSpec.from_dict(config))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):

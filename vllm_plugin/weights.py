@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tlq.format.packing import unpack
+from tlq.quant.qparams import dequantize_codes
 
 
 @dataclass
@@ -51,7 +52,8 @@ class LoadedWeight:
         return (torch.arange(self.k, device=self.codes.device) // g).unsqueeze(0)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W [N, K] in `dtype`, computed in float32 then rounded once (the reference numerics)."""
+        """W [N, K] in `dtype`, computed in float32 then rounded once: the writer's formula
+        (tlq.quant.qparams.dequantize_codes), per fused shard when each has its own g_idx."""
         gi = self.group_index()
         cols = []
         widths = self.shard_sizes if gi.shape[0] > 1 else (self.n,)
@@ -59,9 +61,8 @@ class LoadedWeight:
         for s, width in enumerate(widths):
             sl = slice(start, start + width)
             idx = gi[min(s, gi.shape[0] - 1)]
-            scale = self.scales[idx][:, sl].float()  # [K, width]
-            offset = float(2 ** (self.bits - 1)) if self.zeros is None else self.zeros[idx][:, sl].float()
-            cols.append((self.codes[:, sl].float() - offset) * scale)
+            zeros = None if self.zeros is None else self.zeros[idx][:, sl]
+            cols.append(dequantize_codes(self.codes[:, sl], self.scales[idx][:, sl].float(), zeros, self.bits))
             start += width
         return torch.cat(cols, dim=1).t().contiguous().to(dtype)
 

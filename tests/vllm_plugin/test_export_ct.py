@@ -24,13 +24,13 @@ ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not
 
 
 def qcfg(**kw):
-    return {"scheme": "w4a16", "bits": 4, "group_size": 128, "sym": True, "act_bits": 16, "desc_act": False, **kw}
+    return {"scheme": "w4a16", "bits": 4, "group_size": 128, "sym": True, "act_bits": 16, "act_order": False, **kw}
 
 
 @pytest.mark.parametrize("cfg, fmt", [
     (qcfg(), PACK_QUANTIZED), (qcfg(sym=False, group_size=32), PACK_QUANTIZED),
     (qcfg(bits=8, scheme="w8a16"), PACK_QUANTIZED), (qcfg(scheme="w4a8", act_bits=8, group_size=-1), INT_QUANTIZED),
-    (qcfg(desc_act=True, group_size=-1), PACK_QUANTIZED),  # act-order without groups is a no-op
+    (qcfg(act_order=True, group_size=-1), PACK_QUANTIZED),  # act-order without groups is a no-op
 ])
 def test_exportable_schemes(cfg, fmt):
     assert export_format(cfg) == fmt
@@ -38,7 +38,7 @@ def test_exportable_schemes(cfg, fmt):
 
 @pytest.mark.parametrize("cfg, words", [
     (qcfg(bits=3, scheme="w3a16"), "not 3-bit"), (qcfg(bits=2, scheme="w2a16"), "not 2-bit"),
-    (qcfg(bits=8, sym=False, scheme="w8a16"), "asymmetric 8-bit"), (qcfg(desc_act=True), "act-order"),
+    (qcfg(bits=8, sym=False, scheme="w8a16"), "asymmetric 8-bit"), (qcfg(act_order=True), "act-order"),
 ])
 def test_refused_schemes_say_why_and_what_to_do(cfg, words):
     with pytest.raises(TLQError, match=words) as err:

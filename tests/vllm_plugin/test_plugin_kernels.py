@@ -31,8 +31,8 @@ def single_rank(monkeypatch):
         monkeypatch.delenv(env, raising=False)
 
 
-def spec_of(bits, group, sym, act_bits=16, desc_act=False):
-    return ServeSpec(f"w{bits}a{act_bits}", bits, group, sym, act_bits, desc_act)
+def spec_of(bits, group, sym, act_bits=16, act_order=False):
+    return ServeSpec(f"w{bits}a{act_bits}", bits, group, sym, act_bits, act_order)
 
 
 def loaded(qw: QuantizedWeight, shard_sizes=None) -> LoadedWeight:
@@ -148,7 +148,7 @@ def act_order(bits, group, sym, n, k, seed):
 
 def test_act_order_served_by_kernel_through_input_permutation():
     qw = act_order(3, 64, False, 64, 256, seed=3)
-    layer, backend, served = serve(qw, spec_of(3, 64, False, desc_act=True))
+    layer, backend, served = serve(qw, spec_of(3, 64, False, act_order=True))
     assert served.kernel == "CPUWNA16" and backend.permute
     x = x_in(256)
     ok, msg = close(backend.apply(layer, x, None), F.linear(x, qw.dequantize(DTYPE)))
@@ -162,7 +162,7 @@ def test_act_order_with_different_shard_permutations_falls_back():
                          torch.stack([a.g_idx, b.g_idx]).long(), (64, 32))
     from vllm_plugin import backends
     layer = bare_layer()
-    job = backends.LayerJob(fused, spec_of(4, 32, True, desc_act=True), "qkv", 128, 96)
+    job = backends.LayerJob(fused, spec_of(4, 32, True, act_order=True), "qkv", 128, 96)
     backend, served = backends.choose(layer, job)
     assert served.kernel == "torch" and "different act-order" in served.numerics
     x = x_in(128)
@@ -214,14 +214,14 @@ def test_create_params_shapes():
     assert layer.qweight.shape == (24, 128) and layer.scales.shape == (4, 128) and layer.qzeros.shape == (4, 128)
     assert str(layer.qweight.packed_factor) == "32/3"
     layer = torch.nn.Module()
-    create_tlq_params(layer, spec_of(4, 128, True, desc_act=True), 128, [96], 256, DTYPE, None)
+    create_tlq_params(layer, spec_of(4, 128, True, act_order=True), 128, [96], 256, DTYPE, None)
     assert layer.scales.shape == (2, 96) and layer.g_idx.shape == (1, 128) and not hasattr(layer, "qzeros")
 
 
 # -- config -----------------------------------------------------------------------------
 def qcfg(**kw):
     return {"quant_method": "tlq", "format_version": 1, "scheme": "w4a16", "bits": 4, "group_size": 128,
-            "sym": True, "act_bits": 16, "desc_act": False, "ignore": ["visual", "lm_head"], **kw}
+            "sym": True, "act_bits": 16, "act_order": False, "ignore": ["visual", "lm_head"], **kw}
 
 
 def test_config_picks_methods_by_layer_name():
@@ -272,10 +272,10 @@ def test_verify_refuses_a_damaged_checkpoint(qwen2_vl_dir, tmp_path):
     from vllm_plugin.config import verify_model_folder
     ckpt = calibrate(CalibConfig(model=qwen2_vl_dir, out=tmp_path / "q", method=get_method("rtn"),
                                  scheme=get_scheme("w4a16")), progress=False)
-    spec = ServeSpec.from_quant_config(qcfg(ignore=["visual", "lm_head"]))
+    spec = ServeSpec.from_dict(qcfg(ignore=["visual", "lm_head"]))
     verify_model_folder(str(ckpt), spec)  # intact: passes
     with pytest.raises(CheckpointError, match="mixed settings"):
-        verify_model_folder(str(ckpt), ServeSpec.from_quant_config(qcfg(group_size=64)))
+        verify_model_folder(str(ckpt), ServeSpec.from_dict(qcfg(group_size=64)))
     data = bytearray((ckpt / "model.safetensors").read_bytes())
     data[-10] ^= 0xFF
     (ckpt / "model.safetensors").write_bytes(bytes(data))

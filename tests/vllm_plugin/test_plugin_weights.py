@@ -131,12 +131,12 @@ def test_per_shard_g_idx_dequantizes_each_shard_with_its_own_groups():
 # -- serve spec ----------------------------------------------------------------------------
 def qcfg(**kw):
     base = {"quant_method": "tlq", "format_version": 1, "scheme": "w4a16", "bits": 4, "group_size": 128,
-            "sym": True, "act_bits": 16, "desc_act": False, "ignore": ["visual", "lm_head"]}
+            "sym": True, "act_bits": 16, "act_order": False, "ignore": ["visual", "lm_head"]}
     return {**base, **kw}
 
 
 def test_spec_reads_a_valid_config():
-    spec = ServeSpec.from_quant_config(qcfg(bits=3, sym=False, desc_act=True))
+    spec = ServeSpec.from_dict(qcfg(bits=3, sym=False, act_order=True))
     assert (spec.bits, spec.sym, spec.act_order, spec.ignore) == (3, False, True, ("visual", "lm_head"))
 
 
@@ -147,11 +147,11 @@ def test_spec_reads_a_valid_config():
 ])
 def test_spec_refuses_what_it_cannot_serve(bad, words):
     with pytest.raises(CheckpointError, match=words):
-        ServeSpec.from_quant_config(qcfg(**bad))
+        ServeSpec.from_dict(qcfg(**bad))
 
 
 def test_spec_refuses_missing_fields():
     cfg = qcfg()
     del cfg["sym"]
     with pytest.raises(CheckpointError, match="lacks sym"):
-        ServeSpec.from_quant_config(cfg)
+        ServeSpec.from_dict(cfg)

@@ -93,11 +93,9 @@ def is_ignored(module_name: str, fragments) -> bool:
     return any(f".{frag}." in padded for frag in fragments)
 
 
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    module = root
-    for part in path.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
-    return module
+# get_submodule(root, "model.layers.0.mlp") is torch's own `root.get_submodule(...)`, kept as a function
+# so adapters' paths read the same everywhere.
+get_submodule = nn.Module.get_submodule
 
 
 # The Qwen2 decoder layer, shared by Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision's language model.

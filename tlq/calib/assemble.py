@@ -15,13 +15,13 @@ import torch
 from tlq import __version__
 from tlq.errors import TLQError
 from tlq.format.checkpoint import (
-    FORMAT_VERSION,
     CheckpointContent,
     layer_entry,
     pack_linear,
     write_checkpoint,
 )
 from tlq.format.packing import RUN
+from tlq.format.quant_config import QuantizationConfig
 from tlq.model_io import SourceModel
 from tlq.quant.qparams import QuantizedWeight
 from tlq.schemes import QuantScheme
@@ -55,19 +55,11 @@ def check_group_size(source: SourceModel, scheme: QuantScheme) -> None:
             raise TLQError(f"group size {scheme.group_size} does not divide the input size {k} of {name}; {hint}")
 
 
-def quantization_config(scheme: QuantScheme, method: str, act_order: bool, ignore) -> dict:
-    return {
-        "quant_method": "tlq", "format_version": FORMAT_VERSION,
-        "scheme": scheme.name, "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.symmetric,
-        "act_bits": scheme.act_bits, "desc_act": act_order, "method": method, "ignore": list(ignore),
-        "tool_version": __version__,
-    }
-
-
 def checkpoint_config(source: SourceModel, scheme: QuantScheme, method: str, act_order: bool) -> dict:
     """The source's config.json with the quantization_config of this checkpoint."""
     config = copy.deepcopy(source.config)
-    config["quantization_config"] = quantization_config(scheme, method, act_order, source.adapter.ignore)
+    config["quantization_config"] = QuantizationConfig.from_scheme(scheme, method, act_order, source.adapter.ignore,
+                                                                   __version__).to_dict()
     return config
 
 

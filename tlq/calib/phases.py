@@ -22,6 +22,7 @@ from tlq.calib.layer_loop import WorkFolder
 from tlq.calib.rss import start_of_calibration
 from tlq.errors import TLQError
 from tlq.format.checkpoint import check_output_dir
+from tlq.format.quant_config import QuantizationConfig
 from tlq.model_io import SourceModel, open_source_model
 from tlq.quant.qparams import quantize_rtn
 
@@ -30,11 +31,13 @@ log = logging.getLogger("tlq.calibrate")
 
 def open_and_check(cfg: CalibConfig) -> SourceModel:
     """Everything that can be checked before model work: the model folder, OUT, the group size
-    against every layer, the compute device; then seed. Returns the opened source model."""
+    against every layer, settings the checkpoint format cannot hold, the compute device; then seed. Returns the opened source model."""
     start_of_calibration()
     source = open_source_model(cfg.model)
     check_output_dir(cfg.out, cfg.overwrite)
     check_group_size(source, cfg.scheme)
+    # what the writer will store: refused now, not after the calibration
+    QuantizationConfig.from_scheme(cfg.scheme, cfg.method.name, cfg.act_order, source.adapter.ignore, "")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise TLQError(f"--device {cfg.device} was given but torch sees no CUDA device; use --device cpu")
     torch.manual_seed(cfg.seed)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tlq.errors import TLQError
+from tlq.format.quant_config import QuantizationConfig
 
 PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
@@ -42,7 +43,7 @@ def export_format(qcfg: dict) -> str:
     """The compressed-tensors format for a TLQ quantization_config, or TLQError saying why not."""
     bits, sym, act_bits = qcfg["bits"], qcfg["sym"], qcfg.get("act_bits", 16)
     plugin = "serve the TLQ checkpoint itself with vLLM and the tlq plugin instead"
-    if qcfg.get("desc_act") and qcfg["group_size"] != -1:
+    if QuantizationConfig.from_dict(qcfg).act_order:
         raise TLQError("act-order checkpoints (g_idx) cannot be exported: vLLM 0.32's compressed-tensors "
                        f"loader no longer supports group activation ordering; {plugin}")
     if act_bits == 8:

@@ -24,9 +24,9 @@ from tlq import __version__
 from tlq.atomic import write_json_atomic
 from tlq.errors import CheckpointError, TLQError
 from tlq.format.packing import pack, packed_length, unpack
+from tlq.format.quant_config import FORMAT_VERSION, QUANT_METHOD, QuantizationConfig
 from tlq.quant.qparams import QuantizedWeight, n_groups
 
-FORMAT_VERSION = 1
 MANIFEST = "tlq_manifest.json"
 REPORT = "tlq_report.json"
 WEIGHTS = "model.safetensors"
@@ -219,6 +219,11 @@ class CheckpointInfo:
         return self.manifest["quantized_layers"]
 
     @property
+    def quantization(self) -> QuantizationConfig:
+        """The parsed, checked quantization_config."""
+        return QuantizationConfig.from_dict(self.quant_config)
+
+    @property
     def scale_dtype(self) -> torch.dtype:
         return dtype_of(self.config)
 
@@ -250,12 +255,13 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     config = _load_json(path / "config.json", "the model config")
     qcfg = config.get("quantization_config")
-    if not qcfg or qcfg.get("quant_method") != "tlq":
+    if not qcfg or qcfg.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path} is not a TLQ checkpoint (config.json has no quantization_config "
-                              "with quant_method 'tlq'); quantize it with `tlq calibrate` first")
-    if qcfg.get("format_version", 1) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} uses format version {qcfg['format_version']}; this tlq reads up to "
-                              f"{FORMAT_VERSION}: upgrade tlq")
+                              f"with quant_method {QUANT_METHOD!r}); quantize it with `tlq calibrate` first")
+    try:
+        QuantizationConfig.from_dict(qcfg)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     manifest = _load_json(path / MANIFEST, "the integrity manifest")
     return CheckpointInfo(path, config, qcfg, manifest)
 
