@@ -185,6 +185,12 @@ class CalibConfig:
                            f"choose one of {', '.join(SCALING_MODES)}")
         if self.importance.mode not in IMPORTANCE_MODES:
             raise TLQError(f"unknown importance {self.importance.mode!r}; choose one of {', '.join(IMPORTANCE_MODES)}")
+        if self.importance.drop_below > 0 and self.importance.mode == "uniform":
+            raise TLQError(f"--drop-below needs token weights, but method {self.method.name} weighs every token "
+                           "the same; drop the flag or choose token weights (--importance token)")
+        if self.importance.max_tokens is not None and not self.method.needs_data:
+            raise TLQError(f"--max-tokens has nothing to select: method {self.method.name} reads no calibration "
+                           "tokens; drop the flag")
         if self.work_dir is None:
             self.work_dir = self.out.resolve().parent / f".{self.out.name}.work"
         if self.damp is None:

@@ -153,10 +153,11 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
         X_fp = None
         if fp_scaled is not None:
             X_fp = collect_inputs(fp_scaled, group.names[0], inputs.fp, inputs.kwargs, device)
-        if w is not None:
-            keep = select_tokens(w, cfg.importance.drop_below, cfg.importance.max_tokens, layer_seed)
+        if w is not None or cfg.importance.max_tokens is not None:  # uniform weights: --max-tokens only
+            keep = select_tokens(torch.ones(len(X)) if w is None else w, cfg.importance.drop_below,
+                                 cfg.importance.max_tokens, layer_seed)
             if keep is not None:
-                X, w = X[keep], w[keep]
+                X, w = X[keep], None if w is None else w[keep]
                 X_fp = None if X_fp is None else X_fp[keep]
         # inputs are gathered on the CPU; the solver runs where the layer is
         data = GroupData(*(None if t is None else t.to(device) for t in (X, w, X_fp)))
