@@ -1,9 +1,14 @@
+"""AWQ / MBQ scale search and AWQ clipping against ports of the published code (tests/reference)."""
 import pytest
 import torch
+from reference import awq as ref_awq  # tests/reference (tests/ is on sys.path through its conftest)
+from reference import mbq as ref_mbq
+from reference.blocks import decoder_layer
 
+from tlq.calib.probes import BlockProbe, collect_inputs
 from tlq.errors import TLQError
 from tlq.quant.qparams import quantize_activations_int8, quantize_rtn
-from tlq.quant.scale_search import search_clip_ratios, search_input_scales
+from tlq.quant.scale_search import ScaleSearchSpec, clip_weights, search_clip_ratios, search_input_scales
 from tlq.schemes import QuantScheme
 
 BF16 = torch.bfloat16
@@ -15,124 +20,131 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def outlier_inputs(T=384, K=128, seed=0, n_out=4, factor=20.0):
-    X = torch.randn(T, K, generator=gen(seed))
-    cols = torch.randperm(K, generator=gen(seed + 1))[:n_out]
-    X[:, cols] *= factor
-    return X
+def rtn(scheme):
+    return lambda W: quantize_rtn(W.float(), scheme.bits, scheme.group_size, scheme.symmetric, BF16).dequantize()
 
 
-def linears(K=128, seed=0):
-    return [torch.randn(32, K, generator=gen(seed + 2)), torch.randn(16, K, generator=gen(seed + 3))]
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
-def scaled_loss(Ws, X, s, scheme, w=None, act_quant=False, loss="mse"):
-    """Token-weighted loss of the scaled, quantized group of linears, computed independently."""
-    w = torch.ones(X.shape[0]) if w is None else w
-    Xs = X / s
-    if act_quant:
-        Xs = quantize_activations_int8(Xs)
-    rtn = lambda W: quantize_rtn(W, scheme.bits, scheme.group_size, scheme.symmetric, BF16).dequantize()  # noqa: E731
-    err = torch.cat([X @ W.T - Xs @ rtn(W * s).T for W in Ws], dim=1)
-    per_token = (err.square() if loss == "mse" else err.abs()).mean(1)
-    return float((w * per_token).sum() / w.sum())
+def ours(layer, hidden, kwargs, block, names, scheme, **kw):
+    X = collect_inputs(layer, names[0], [hidden], [kwargs], "cpu")
+    probe = BlockProbe(layer, block, names, [hidden], [kwargs], "cpu") if block else None
+    Ws = [layer.get_submodule(n).weight for n in names]
+    return search_input_scales(Ws, X, scheme, BF16, act_quant=not scheme.weight_only, block=probe, **kw)
 
 
-@pytest.mark.parametrize("scheme,act_quant", [(W3G32, False), (W4A8, True)])
-def test_scales_reduce_output_error_with_outlier_channels(scheme, act_quant):
-    X, Ws = outlier_inputs(), linears()
-    s = search_input_scales(Ws, X, scheme, BF16, act_quant=act_quant)
-    assert s.shape == (128,) and torch.all(s >= 1e-4)
-    ones = torch.ones(128)
-    assert scaled_loss(Ws, X, s, scheme, act_quant=act_quant) < 0.5 * scaled_loss(Ws, X, ones, scheme,
-                                                                                   act_quant=act_quant)
+@pytest.mark.parametrize("duo", [False, True], ids=["llm-awq", "autoawq-duo"])
+@pytest.mark.parametrize("block,names", [("self_attn", QKV), ("mlp", GATE_UP)], ids=["qkv", "gate_up"])
+def test_awq_scale_matches_the_reference_block_search(block, names, duo):
+    layer, hidden, kwargs = decoder_layer()
+    X = collect_inputs(layer, names[0], [hidden], [kwargs], "cpu").reshape(1, -1, 64)
+    got = ours(layer, hidden, kwargs, block, names, W3G32, spec=ScaleSearchSpec(duo_scaling=duo))
+    module = layer.get_submodule(block)
+    expected = ref_awq.search_module_scale(module, [layer.get_submodule(n) for n in names], X, rtn(W3G32),
+                                           kwargs=kwargs if block == "self_attn" else None, duo_scaling=duo,
+                                           group_size=W3G32.group_size)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    assert not torch.allclose(got, torch.ones(64)), "the outlier channels are scaled"
 
 
-@pytest.mark.parametrize("loss", ["mse", "mae"])
-def test_never_worse_than_no_scaling(loss):
+def test_awq_scale_of_a_linear_fed_by_a_linear_scores_its_own_output():
+    """o_proj / down_proj: AutoAWQ's module2inspect is the linear itself."""
+    layer, hidden, kwargs = decoder_layer(seed=2)
+    X = collect_inputs(layer, "mlp.down_proj", [hidden], [kwargs], "cpu")
+    down = layer.get_submodule("mlp.down_proj")
+    got = search_input_scales([down.weight], X, W3G32, BF16)
+    expected = ref_awq.search_module_scale(down, [down], X[None], rtn(W3G32))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def _masks(T, seed=5):
+    """MBQ's masks over T tokens: prompt, then vision, then answer tokens."""
+    vis = torch.zeros(1, T, dtype=torch.bool)
+    ans = torch.zeros(1, T, dtype=torch.bool)
+    vis[0, 8:32] = True
+    ans[0, 36:] = True
+    return ans, vis
+
+
+@pytest.mark.parametrize("scheme", [W3G32, W4A8], ids=["w3a16", "w4a8"])
+def test_mbq_scale_matches_the_reference_weighted_mae(scheme):
+    layer, hidden, kwargs = decoder_layer(seed=3)
+    T, r = hidden.shape[1], 0.3
+    ans, vis = _masks(T)
+    w = ans[0].float() + r * vis[0].float()  # MBQ's weights: answer 1, vision r, prompt 0
+    got = ours(layer, hidden, kwargs, "self_attn", QKV, scheme, w=w, spec=ScaleSearchSpec(loss="mae"))
+    X = collect_inputs(layer, QKV[0], [hidden], [kwargs], "cpu").reshape(1, T, 64)
+    act = quantize_activations_int8 if not scheme.weight_only else None
+    expected = ref_mbq.search_module_scale(layer.self_attn, [layer.get_submodule(n) for n in QKV], X, rtn(scheme),
+                                           ans, vis, r, kwargs=kwargs, act_quantize=act)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_block_probe_runs_the_block_and_zero_weight_tokens_are_not_scored():
+    layer, hidden, kwargs = decoder_layer(seed=4)
+    T = hidden.shape[1]
+    X = collect_inputs(layer, QKV[0], [hidden], [kwargs], "cpu")
+    probe = BlockProbe(layer, "self_attn", QKV, [hidden], [kwargs], "cpu")
+    Ws = [layer.get_submodule(n).weight.clone() for n in QKV]
+    torch.testing.assert_close(probe(Ws), layer.self_attn(X.reshape(1, T, 64), **kwargs)[0][0])
+    probe([torch.zeros_like(W) for W in Ws], lambda x: 2 * x)
+    assert all(torch.equal(layer.get_submodule(n).weight, W) for n, W in zip(QKV, Ws)), "weights restored"
+    torch.testing.assert_close(probe(Ws), layer.self_attn(X.reshape(1, T, 64), **kwargs)[0][0])
+    # prompt tokens (weight 0) stay in the block as context, but their outputs are never scored
+    w = torch.zeros(T)
+    w[T // 2:] = 1.0
+    g = gen(9)
+
+    def corrupted(weights, transform):
+        out = probe(weights, transform)
+        return torch.cat([out[: T // 2] + torch.randn(T // 2, 64, generator=g), out[T // 2:]])
+    got = search_input_scales(Ws, X, W3G32, BF16, w=w, block=corrupted)
+    assert torch.equal(got, search_input_scales(Ws, X, W3G32, BF16, w=w, block=probe))
+
+
+def _linear_cost(Ws, X, w, scale, loss):
+    err = torch.cat([X @ W.T - (X / scale) @ rtn(W3G32)(W * scale).T for W in Ws], 1)
+    return float((w * (err.square() if loss == "mse" else err.abs()).mean(1)).sum())
+
+
+def test_never_worse_than_no_scaling_on_the_linear_loss():
     for seed in range(3):
-        for X in (torch.randn(256, 64, generator=gen(seed)), outlier_inputs(256, 64, seed=seed, factor=3.0)):
-            Ws = linears(64, seed)
-            w = 0.2 + torch.rand(256, generator=gen(seed + 9))
-            s = search_input_scales(Ws, X, W3G32, BF16, w=w, n_grid=10, loss=loss)
-            assert scaled_loss(Ws, X, s, W3G32, w, loss=loss) <= scaled_loss(Ws, X, torch.ones(64), W3G32, w,
-                                                                             loss=loss)
+        X = torch.randn(256, 64, generator=gen(seed))
+        X[:, :4] *= 3.0
+        Ws = [torch.randn(32, 64, generator=gen(seed + 2)), torch.randn(16, 64, generator=gen(seed + 3))]
+        w = 0.2 + torch.rand(256, generator=gen(seed + 9))
+        for loss in ("mse", "mae"):
+            s = search_input_scales(Ws, X, W3G32, BF16, w=w, n_grid=10, spec=ScaleSearchSpec(loss=loss))
+            assert _linear_cost(Ws, X, w, s, loss) <= _linear_cost(Ws, X, w, torch.ones(64), loss) * (1 + 1e-6)
 
 
-def test_zero_weight_tokens_do_not_influence_scales():
-    X, Ws = outlier_inputs(256, 64, seed=4), linears(64, seed=4)
-    w = 0.5 + torch.rand(256, generator=gen(5))
-    base = search_input_scales(Ws, X, W3G32, BF16, w=w, max_tokens=200)
-    # extra tokens with huge outliers on other channels
-    extra = torch.randn(128, 64, generator=gen(6))
-    extra[:, :8] *= 200.0
-    X2 = torch.cat([extra[:64], X, extra[64:]])
-    zero = search_input_scales(Ws, X2, W3G32, BF16, w=torch.cat([torch.zeros(64), w, torch.zeros(64)]),
-                               max_tokens=200)
-    assert torch.equal(zero, base)
-    counted = search_input_scales(Ws, X2, W3G32, BF16, w=torch.cat([torch.ones(64), w, torch.ones(64)]),
-                                  max_tokens=200)
-    assert not torch.equal(counted, base)  # the same tokens with weight do move the result
-
-
-def test_scale_search_is_deterministic_and_validates():
-    X, Ws = outlier_inputs(300, 64, seed=7), linears(64, seed=7)
-    a = search_input_scales(Ws, X, W3G32, BF16, max_tokens=100, seed=3)
-    b = search_input_scales(Ws, X, W3G32, BF16, max_tokens=100, seed=3)
-    assert torch.equal(a, b)
+def test_statistic_is_plain_unless_weighted_and_input_is_validated():
+    X = torch.randn(200, 64, generator=gen(7))
+    X[:100, :8] *= 50.0  # outliers only in tokens that get weight 0
+    W = torch.randn(32, 64, generator=gen(8))
+    w = torch.cat([torch.zeros(100), torch.ones(100)])
+    plain = search_input_scales([W], X, W3G32, BF16, w=w, block=lambda Ws, t: (X if t is None else t(X)) @ Ws[0].T)
+    weighted = search_input_scales([W], X, W3G32, BF16, w=w, spec=ScaleSearchSpec(weighted_statistic=True),
+                                   block=lambda Ws, t: (X if t is None else t(X)) @ Ws[0].T)
+    if not torch.equal(plain, torch.ones(64)) and not torch.equal(weighted, torch.ones(64)):
+        assert plain[:8].mean() / plain[8:].mean() > weighted[:8].mean() / weighted[8:].mean()
     with pytest.raises(TLQError, match="loss"):
-        search_input_scales(Ws, X, W3G32, BF16, loss="huber")
+        ScaleSearchSpec(loss="huber")
     with pytest.raises(TLQError):
-        search_input_scales(Ws, X, W3G32, BF16, w=torch.zeros(300))
+        search_input_scales([W], X, W3G32, BF16, w=torch.zeros(200))
 
 
-def group_errors(W, X, scheme, ratio, w):
-    """Weighted squared error of each (row, group) partial product: [N, n_groups]."""
-    Q = quantize_rtn(W, scheme.bits, scheme.group_size, scheme.symmetric, BF16, clip_ratio=ratio).dequantize()
-    g = W.shape[1] if scheme.group_size == -1 else scheme.group_size
-    errs = [(w[:, None] * (X[:, j:j + g] @ (W[:, j:j + g] - Q[:, j:j + g]).T).square()).sum(0)
-            for j in range(0, W.shape[1], g)]
-    return torch.stack(errs, dim=1)
-
-
-def heavy_tailed(N, K, seed):
-    g = gen(seed)
-    return torch.randn(N, K, generator=g) * torch.exp(torch.randn(N, K, generator=g))
-
-
-@pytest.mark.parametrize("scheme", [W3G32, QuantScheme("s", bits=4, group_size=-1, symmetric=True),
-                                    QuantScheme("a", bits=4, group_size=48, symmetric=True)])
-def test_clipping_never_increases_weighted_error(scheme):
-    W, X = heavy_tailed(24, 96, seed=8), torch.randn(300, 96, generator=gen(9))
-    w = torch.rand(300, generator=gen(10))
-    ratio = search_clip_ratios(W, X, scheme, BF16, w=w)
-    ng = 1 if scheme.group_size == -1 else -(-96 // scheme.group_size)
-    assert ratio.shape == (24, ng) and torch.all(ratio <= 1.0) and torch.all(ratio > 0.5)
-    clipped, plain = group_errors(W, X, scheme, ratio, w), group_errors(W, X, scheme, None, w)
-    assert torch.all(clipped <= plain * (1 + 1e-6))
-    assert clipped.sum() < 0.95 * plain.sum()  # heavy tails: clipping does help
-    assert (ratio < 1).any()
-
-
-def test_clipping_ignores_zero_weight_tokens():
-    W, X = heavy_tailed(16, 64, seed=11), torch.randn(200, 64, generator=gen(12))
-    base = search_clip_ratios(W, X, W3G32, BF16)
-    X2 = torch.cat([X, 100 * torch.randn(50, 64, generator=gen(13))])
-    w2 = torch.cat([torch.ones(200), torch.zeros(50)])
-    assert torch.equal(search_clip_ratios(W, X2, W3G32, BF16, w=w2), base)
-
-
-@pytest.mark.parametrize("T,K", [(384, 128), (96, 128)], ids=["hessian-path", "token-path"])
-def test_chosen_scale_is_the_grid_argmin_of_the_direct_loss(T, K):
-    """Weight-only MSE uses tr(E H E^T) when tokens outnumber inputs; the pick must match the direct loss."""
-    X, Ws = outlier_inputs(T, K, seed=4, factor=6.0), linears(K, seed=4)
-    w = 0.2 + torch.rand(T, generator=gen(11))
-    n_grid = 10
-    s = search_input_scales(Ws, X, W3G32, BF16, w=w, n_grid=n_grid)
-    stat = (w[:, None] / w.sum() * X.abs()).sum(0)
-    candidates = []
-    for step in range(n_grid):
-        c = stat.pow(step / n_grid).clamp(min=1e-4)
-        candidates.append(c / (c.max() * c.min()).sqrt())
-    losses = [scaled_loss(Ws, X, c, W3G32, w) for c in candidates]
-    assert torch.allclose(s, candidates[losses.index(min(losses))])
+@pytest.mark.parametrize("scheme", [W3G32, QuantScheme("s", bits=4, group_size=-1, symmetric=True)])
+def test_clipping_matches_the_reference_auto_clip(scheme):
+    g = gen(8)
+    W = torch.randn(64, 96, generator=g) * torch.exp(torch.randn(64, 96, generator=g))
+    X = torch.randn(2000, 96, generator=gen(9))
+    ratio = search_clip_ratios(W, X, scheme, BF16)
+    max_val = ref_awq.auto_clip_layer(W, X, rtn(scheme), scheme.group_size)
+    got = clip_weights(W, ratio, scheme.group_size)
+    gs = scheme.group_size if scheme.group_size > 0 else 96
+    limit = max_val.repeat_interleave(gs, dim=1)
+    torch.testing.assert_close(got, W.clamp(-limit, limit), rtol=1e-6, atol=1e-7)
+    assert (ratio < 1).any(), "heavy tails: some group is clipped"

@@ -44,6 +44,8 @@ class ModelAdapter:
         checkpoint_layer_prefixes: spellings of `decoder_layers` in safetensors files (transformers 5
             saves the legacy layout, e.g. `model.layers` for Qwen2-VL); the first found is used.
         attn_module / mlp_module: sub-modules whose outputs give token importance.
+        qk_linears: linears whose outputs meet in Q K^T; AWQ's clipping skips them (AutoAWQ,
+            llm-awq: the error there passes the softmax and is hard to measure per linear).
     """
 
     name: str
@@ -59,6 +61,7 @@ class ModelAdapter:
     checkpoint_layer_prefixes: tuple[str, ...] = ()
     attn_module: str = "self_attn"
     mlp_module: str = "mlp"
+    qk_linears: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
     extra: dict = field(default_factory=dict)
 
     # -- lookups -------------------------------------------------------------

@@ -6,22 +6,19 @@ same layer are already quantized when a later group is calibrated (as GPTQ does 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from tlq.adapters import LinearGroup, ModelAdapter, get_submodule
+from tlq.adapters import ModelAdapter, get_submodule
 from tlq.calib.capture import to_device
 from tlq.calib.config import CalibConfig
+from tlq.calib.importance import group_weights
+from tlq.calib.input_scaling import scale_layer_inputs
+from tlq.calib.probes import collect_inputs
 from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8
-from tlq.quant.scale_search import search_input_scales
-from tlq.quant.smoothquant import smooth_scales
 from tlq.quant.solvers import SOLVERS, GroupData, SolverSettings
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass
@@ -46,28 +43,6 @@ def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], 
         return [layer(h.to(device), **to_device(kw, device)).cpu() for h, kw in zip(hidden, kwargs)]
 
 
-def collect_inputs(layer: nn.Module, module_name: str, hidden: list[torch.Tensor], kwargs: list[dict],
-                   device: str) -> torch.Tensor:
-    """[sum T, K] inputs of `module_name` over all samples (the forward stops right after)."""
-    store = []
-
-    def hook(module, args):
-        store.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
-        raise _Stop
-
-    handle = get_submodule(layer, module_name).register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for h, kw in zip(hidden, kwargs):
-                try:
-                    layer(h.to(device), **to_device(kw, device))
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return torch.cat(store)
-
-
 def add_activation_quant(layer: nn.Module, names) -> list:
     """Per-token int8 fake quantization of the inputs of `names` (the a8 of w4a8)."""
     hook = lambda module, args: (quantize_activations_int8(args[0]),) + tuple(args[1:])  # noqa: E731
@@ -85,35 +60,6 @@ def select_tokens(w: torch.Tensor, drop_below: float, max_tokens: int | None, se
     return None if len(keep) == len(w) else keep
 
 
-def _fold_scale(layer: nn.Module, group: LinearGroup, s: torch.Tensor) -> bool:
-    """X -> X / s folded into the group's previous op, W -> W * s; False if it cannot absorb s."""
-    if group.prev_op is None:
-        return False
-    prev = get_submodule(layer, group.prev_op)
-    if prev.weight.shape[0] != s.numel():
-        return False  # e.g. o_proj after v_proj under grouped-query attention
-    with torch.no_grad():
-        if isinstance(prev, nn.Linear):
-            prev.weight.div_(s.to(prev.weight.dtype)[:, None])
-            if prev.bias is not None:
-                prev.bias.div_(s.to(prev.bias.dtype))
-        else:  # RMSNorm-style scale vector
-            prev.weight.div_(s.to(prev.weight.dtype))
-        for name in group.names:
-            lin = get_submodule(layer, name)
-            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
-    return True
-
-
-def _input_scales(cfg: CalibConfig, scaling: str, group: LinearGroup, layer, X: torch.Tensor,
-                  w: torch.Tensor | None, dtype):
-    Ws = [get_submodule(layer, n).weight.float() for n in group.names]
-    if scaling == "smoothquant":
-        return smooth_scales(X, Ws, alpha=cfg.smoothquant_alpha)
-    return search_input_scales(Ws, X, cfg.scheme, dtype, w=w, n_grid=cfg.n_grid,
-                               act_quant=not cfg.scheme.weight_only)
-
-
 def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, adapter: ModelAdapter,
                     cfg: CalibConfig, dtype: torch.dtype, layer_seed: int
                     ) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], list]:
@@ -125,31 +71,21 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
     device, scheme, method = cfg.device, cfg.scheme, cfg.method
     layer.to(device)
 
-    def block_weights(group):
-        return torch.cat([w[group.block] for w in inputs.weights])
-
-    overrides: dict[str, torch.Tensor] = {}
-    scaling = method.input_scaling
-    if scaling == "auto":  # activation quantization is where outlier channels hurt: smooth them then
-        scaling = "none" if scheme.weight_only else "awq"
-    if scaling != "none":
-        for group in adapter.linear_groups:
-            X = collect_inputs(layer, group.names[0], inputs.calib, inputs.kwargs, device).to(device)
-            s = _input_scales(cfg, scaling, group, layer, X, block_weights(group).to(device), dtype)
-            if _fold_scale(layer, group, s) and not isinstance(get_submodule(layer, group.prev_op), nn.Linear):
-                overrides[f"{layer_prefix}.{group.prev_op}.weight"] = get_submodule(layer, group.prev_op).weight.detach().cpu().clone()
+    overrides = scale_layer_inputs(layer, layer_prefix, inputs.calib, inputs.kwargs, inputs.weights, adapter, cfg,
+                                   dtype)
     fp_scaled = copy.deepcopy(layer) if method.exposure == "corrected" else None
     solve = SOLVERS[method.solver].solve
     settings = SolverSettings(scheme, dtype, damp=cfg.damp, act_order=cfg.act_order,
                               exposure_strength=cfg.exposure_strength, clip_search=method.clip_search,
                               n_grid=cfg.n_grid)
+    no_clip = replace(settings, clip_search=False)  # AWQ does not clip q/k: their error passes the softmax
 
     quantized, hooks = {}, []
     for group in adapter.linear_groups:
         X = collect_inputs(layer, group.names[0], inputs.calib, inputs.kwargs, device)
         if not scheme.weight_only:
             X = quantize_activations_int8(X)
-        w = block_weights(group) if method.importance != "uniform" else None
+        w = group_weights(inputs.weights, group) if method.importance != "uniform" else None
         X_fp = None
         if fp_scaled is not None:
             X_fp = collect_inputs(fp_scaled, group.names[0], inputs.fp, inputs.kwargs, device)
@@ -163,7 +99,7 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
         data = GroupData(*(None if t is None else t.to(device) for t in (X, w, X_fp)))
         for name in group.names:
             lin = get_submodule(layer, name)
-            qw = solve(lin.weight.detach().float(), data, settings)
+            qw = solve(lin.weight.detach().float(), data, no_clip if name in adapter.qk_linears else settings)
             with torch.no_grad():
                 lin.weight.copy_(qw.dequantize(lin.weight.dtype))
             quantized[f"{layer_prefix}.{name}"] = qw.to("cpu")

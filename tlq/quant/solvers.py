@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tlq.quant.qparams import QuantizedWeight, quantize_rtn
-from tlq.quant.scale_search import search_clip_ratios
+from tlq.quant.scale_search import clip_weights, search_clip_ratios
 from tlq.quant.weighted_gptq import weighted_gptq_quantize, weighted_hessian
 from tlq.schemes import QuantScheme
 
@@ -63,10 +63,11 @@ class SolverSettings:
 
 
 def solve_rtn(W: torch.Tensor, data: GroupData, s: SolverSettings) -> QuantizedWeight:
-    """Round-to-nearest, optionally after AWQ's (token-weighted) clipping search."""
-    ratio = search_clip_ratios(W, data.X, s.scheme, s.scale_dtype, w=data.w, n_grid=s.n_grid) \
-        if s.clip_search else None
-    return quantize_rtn(W, s.scheme.bits, s.scheme.group_size, s.scheme.symmetric, s.scale_dtype, clip_ratio=ratio)
+    """Round-to-nearest, optionally after AWQ's (token-weighted) clipping search and clamp."""
+    if s.clip_search:
+        ratio = search_clip_ratios(W, data.X, s.scheme, s.scale_dtype, w=data.w, n_grid=s.n_grid)
+        W = clip_weights(W, ratio, s.scheme.group_size)
+    return quantize_rtn(W, s.scheme.bits, s.scheme.group_size, s.scheme.symmetric, s.scale_dtype)
 
 
 def solve_gptq(W: torch.Tensor, data: GroupData, s: SolverSettings) -> QuantizedWeight:
