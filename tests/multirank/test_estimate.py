@@ -51,3 +51,19 @@ def test_dry_run_prints_one_row_per_rank(qwen2_vl_dir, tmp_path, capsys, nproc):
     assert len(rows) == nproc
     assert not (tmp_path / "o").exists()
 
+
+
+def test_dry_run_plans_cuda_without_a_gpu(qwen2_vl_dir, tmp_path, capsys, monkeypatch):
+    """Users plan on a laptop before renting GPUs: --device cuda --dry-run needs no CUDA device."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    main(["calibrate", str(qwen2_vl_dir), "--out", str(tmp_path / "o"), "--dry-run", "--device", "cuda",
+          "--max-samples", "2"])
+    out = capsys.readouterr().out
+    assert "device cuda" in out
+    row = next(line for line in out.splitlines() if line.strip()[:1].isdigit())
+    assert row.split()[-1] != "-"  # a device peak is estimated
+    with pytest.raises(SystemExit) as exc:  # running for real still needs the GPU, with a one-line error
+        main(["calibrate", str(qwen2_vl_dir), "--out", str(tmp_path / "o"), "--device", "cuda", "--max-samples", "2"])
+    assert exc.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
