@@ -128,6 +128,12 @@ class RankContext:
         dist.destroy_process_group()
 
 
+def rank_device(device: str, local_rank: int) -> str:
+    """Rank r computes on its local GPU: `cuda` (or any `cuda:i`: one index cannot suit every rank)
+    becomes cuda:LOCAL_RANK; cpu stays cpu."""
+    return f"cuda:{local_rank}" if device.startswith("cuda") else device
+
+
 def _backend(device: str, settings: DistConfig) -> str:
     if settings.backend != "auto":
         if settings.backend not in ("gloo", "nccl"):
@@ -148,9 +154,9 @@ def init_rank(device: str, settings: DistConfig | None = None) -> RankContext:
         if torch.cuda.device_count() < local_world:
             raise TLQError(f"{local_world} ranks on this machine but torch sees {torch.cuda.device_count()} "
                            "GPU(s); start at most one rank per GPU (--nproc)")
-        torch.cuda.set_device(local_rank)  # "cuda" below means this rank's GPU
+        torch.cuda.set_device(local_rank)  # also for libraries that use the current device
         if backend == "nccl":
-            comm_device = f"cuda:{local_rank}"
+            comm_device = rank_device(device, local_rank)
     watchdog = Watchdog(rank, world, settings.heartbeat_s, settings.dead_after_s)
     watchdog.catch_signals()  # before the process group starts its threads
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=settings.timeout_s))

@@ -1,6 +1,7 @@
 """`calibrate_distributed(cfg)`: this rank's part of a multi-rank calibration (see tlq/multirank/__init__.py)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import shutil
@@ -25,7 +26,7 @@ from tlq.calib.phases import (
 )
 from tlq.calib.rss import peak_rss_mb, rss_mark, trim_heap, write_memory_record
 from tlq.errors import TLQError
-from tlq.multirank.context import PeerLost, RankContext, init_rank
+from tlq.multirank.context import PeerLost, RankContext, init_rank, rank_device
 from tlq.multirank.exchange import all_agree, collect, mbq_gather, merge_weights, share_samples
 from tlq.multirank.gradients import pipeline_gradients
 from tlq.multirank.plan import plan_stages, tensor_bytes
@@ -45,6 +46,7 @@ def rank_work_dir(cfg: CalibConfig, rank: int, world: int) -> Path:
 def calibrate_distributed(cfg: CalibConfig, progress: bool = True) -> Path | None:
     """Run this rank's stage; rank 0 returns the checkpoint folder, the other ranks None."""
     ctx = init_rank(cfg.device)
+    cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, ctx.local_rank))
     try:
         path = _calibrate(ctx, cfg, progress)
     except BaseException as exc:  # noqa: BLE001 - every failure stops all ranks the same way
