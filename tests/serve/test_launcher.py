@@ -30,12 +30,37 @@ FAKE_SERVER = textwrap.dedent("""
     http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """)
 
+# Like vLLM's API server when its engine dies: it reaps the engine, then keeps answering /health
+# (vLLM's watchdog would exit after 5 s; a hung one never does). Exits are reported as serve.entry does.
+FAKE_ENGINE_SERVER = textwrap.dedent("""
+    import http.server, multiprocessing as mp, multiprocessing.connection, sys, threading, time
+    from serve.failure import report_exits
+    report_exits()
+    def engine_loop():
+        while True:
+            time.sleep(0.05)
+    engine = mp.get_context("fork").Process(target=engine_loop, name="EngineCore_DP0")
+    engine.start()
+    def monitor():
+        mp.connection.wait([engine.sentinel])
+        engine.join()  # reaps it: the pipe closes a moment before the process is a zombie
+    threading.Thread(target=monitor, daemon=True).start()
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+        def log_message(self, *a):
+            pass
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+""")
+
 RUNNER = textwrap.dedent("""
     import sys
     from pathlib import Path
     import serve.process as sp
     from serve.config import ServeConfig
     from serve.launcher import serve_forever
+    sp.ENGINE_EXIT_GRACE_S = 2.0
     port = int(sys.argv[2])
     sp.vllm_command = lambda cfg: [sys.executable, "-c", sys.argv[3], str(port)]
     sys.exit(serve_forever(ServeConfig(model=Path(sys.argv[1]), port=port, run_dir=Path(sys.argv[4]),
@@ -103,3 +128,68 @@ def test_signal_is_forwarded_and_nothing_is_left(qwen2_vl_dir, tmp_path, sig):
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
             runner.wait()
+
+
+def test_engine_death_ends_tlq_serve_with_one_line_and_keeps_the_log(qwen2_vl_dir, tmp_path):
+    """SIGILL to the engine of a stand-in server that stays up: non-zero exit within seconds, one
+    line naming the process, the signal and its last frame; nothing left running; the log kept."""
+    import psutil
+
+    from serve.process import port_in_use
+    port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    with open(out, "wb") as f, open(err, "wb") as e:
+        runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(qwen2_vl_dir), str(port), FAKE_ENGINE_SERVER,
+                                   str(tmp_path / "run")], stdout=f, stderr=e, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "TLQ server ready" not in out.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, out.read_text() + err.read_text()
+            time.sleep(0.2)
+        kids = psutil.Process(runner.pid).children(recursive=True)
+        (server,) = [k for k in kids if k.ppid() == runner.pid]
+        (engine,) = server.children()
+        t0 = time.monotonic()
+        os.kill(engine.pid, signal.SIGILL)
+        rc = runner.wait(30)
+        took = time.monotonic() - t0
+        assert rc != 0 and took < 15, (rc, took)
+        lines = [ln for ln in err.read_text().splitlines() if ln.startswith("tlq serve:")]
+        assert len(lines) == 1, err.read_text()
+        assert lines[0].startswith(f"tlq serve: the vLLM server died: EngineCore_DP0 (pid {engine.pid}) killed by "
+                                   "SIGILL; last frame <string>:")
+        assert " in engine_loop; " in lines[0] and lines[0].endswith(str(tmp_path / "run" / "server.log"))
+        _, alive = psutil.wait_procs(kids, timeout=10)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert "Fatal Python error: Illegal instruction" in (tmp_path / "run" / "server.log").read_text()
+        assert not port_in_use("127.0.0.1", port)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
+
+
+@pytest.mark.parametrize("engine_dies", [False, True])
+def test_run_folder_is_removed_only_after_a_clean_run(qwen2_vl_dir, monkeypatch, engine_dies):
+    import psutil
+
+    from serve.process import ServerProcess, port_in_use
+    port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
+    monkeypatch.setattr("serve.process.vllm_command", lambda cfg: [sys.executable, "-c", FAKE_ENGINE_SERVER, str(port)])
+    server = ServerProcess(ServeConfig(model=qwen2_vl_dir, port=port, verify=False, device="cpu"))
+    try:
+        server.start()
+        server.wait_ready(timeout=60)
+        assert not server.failed() and server.dead_processes() == []
+        if engine_dies:
+            (engine,) = psutil.Process(server.pid).children()
+            engine.kill()
+            engine.wait(10)
+            assert server.failed() and server.dead_processes() == [f"python (pid {engine.pid})"]
+            deadline = time.monotonic() + 10  # the stand-in reaps it in a thread: wait for its report
+            while "killed by SIGKILL" not in server.log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert server.failure_reason().startswith(f"EngineCore_DP0 (pid {engine.pid}) killed by SIGKILL")
+    finally:
+        server.stop(grace=5.0)
+    assert server.log_path.exists() == engine_dies

@@ -1,11 +1,15 @@
 """`tlq serve`, `tlq bench`, `tlq eval` and `tlq demo`: serving a checkpoint and measuring it."""
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import typer
 
+from serve.config import CPU_INT4_MODES
 from tlq.errors import TLQError
+
+CpuInt4 = enum.Enum("CpuInt4", {mode: mode for mode in CPU_INT4_MODES}, type=str)
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -31,9 +35,20 @@ def serve(
     run_dir: Path | None = typer.Option(None, help="folder for the server log, temp files and caches"),
     startup_timeout: float = typer.Option(600.0, help="seconds to wait for the server to be ready"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip hashing the checkpoint (shapes still checked by vLLM)"),
+    cpu_int4: CpuInt4 = typer.Option(
+        CpuInt4.exact, "--cpu-int4", case_sensitive=False,
+        help="CPU numerics of 4-bit weight-only layers: exact = W4A16 (16-bit activations x dequantized "
+             "int4 weights); fast = int4 x int8 (activations quantized to int8 per token) on AMX CPUs with "
+             "bf16 activations, faster (2.3x decode at batch 1 measured on one AMX Xeon), slightly "
+             "different outputs; CPUs without AMX "
+             "fall back to exact (the plugin logs which kernel each layer uses)"),
     vllm_arg: list[str] = typer.Option([], "--vllm-arg", help="extra argument for `vllm serve` (repeatable)"),
 ) -> None:
-    """Serve CKPT behind vLLM's OpenAI-compatible API until Ctrl-C (or SIGTERM)."""
+    """Serve CKPT behind vLLM's OpenAI-compatible API until Ctrl-C (or SIGTERM).
+
+    If the engine dies (crash, signal, OOM kill), exits non-zero within seconds with one line
+    naming the dead process, its signal and its last Python frame; the run folder and log are kept.
+    """
     from serve.config import ServeConfig
     from serve.launcher import serve_forever
 
@@ -41,7 +56,8 @@ def serve(
                       served_model_name=served_model_name, max_model_len=max_model_len,
                       images_per_prompt=images_per_prompt, dtype=dtype, max_num_seqs=max_num_seqs,
                       gpu_memory_utilization=gpu_memory_utilization, run_dir=run_dir,
-                      startup_timeout=startup_timeout, verify=not no_verify, extra_args=list(vllm_arg))
+                      startup_timeout=startup_timeout, verify=not no_verify, cpu_int4=cpu_int4.value,
+                      extra_args=list(vllm_arg))
     rc = serve_forever(cfg, echo=typer.echo)
     if rc:
         raise typer.Exit(rc)
