@@ -1,29 +1,17 @@
 """Token importance: the layer-by-layer gradient pass and the integration formula."""
 import pytest
 import torch
+from captured_samples import capture_tiny
 
-from tlq.adapters import LinearGroup, adapter_for_model_type, get_submodule
-from tlq.calib.capture import ANSWER, PROMPT, VISION, capture_inputs
+from tlq.adapters import LinearGroup, get_submodule
+from tlq.calib.capture import ANSWER, PROMPT, VISION
 from tlq.calib.config import ImportanceConfig
 from tlq.calib.importance import BLOCKS, STATISTICS, group_weights, integrate, sft_loss, token_gradients
 from tlq.errors import TLQError
 
 
-def _captured(model_dir, n=2):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from tlq.data.calib import bundled_calibration_path, load_calibration
-    from tlq.data.processing import encode_sample
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    adapter = adapter_for_model_type(model.config.model_type)
-    samples = [s for s in load_calibration(bundled_calibration_path()) if s.image_paths][:n]
-    captured = capture_inputs(model, adapter, [(s.id, encode_sample(processor, s)) for s in samples], progress=False)
-    return model, adapter, captured
-
-
 def test_layerwise_recompute_matches_full_backward(tiny_model_dir):
-    model, adapter, captured = _captured(tiny_model_dir, n=1)
+    model, adapter, captured = capture_tiny(tiny_model_dir, n=1)
     raw = token_gradients(model, adapter, captured, progress=False)[0]
     sample = captured[0]
     assert (sample.modality == VISION).any() and (sample.modality == ANSWER).any()
@@ -58,7 +46,7 @@ def test_layerwise_recompute_matches_full_backward(tiny_model_dir):
 def test_answer_tokens_outweigh_prompt_and_vision_in_every_layer(qwen2_vl_dir):
     """On the tiny Qwen2-VL, where the last layer's outputs get gradient only at positions that
     predict answer tokens (most tokens: none), answer tokens must still weigh most in every layer."""
-    model, adapter, captured = _captured(qwen2_vl_dir, n=2)
+    model, adapter, captured = capture_tiny(qwen2_vl_dir, n=2)
     raw = token_gradients(model, adapter, captured, progress=False)
     modality = torch.cat([s.modality for s in captured])
     last = len(adapter.layers(model)) - 1
@@ -137,7 +125,7 @@ def test_square_statistic_and_per_linear_source():
     raw = [_raw(((0, "attn"), a), ((0, "self_attn.q_proj"), a), ((0, "self_attn.k_proj"), b))]
     by_abs = integrate(raw, [modality], ImportanceConfig(mode="modality_prior", floor=0.01))[0][(0, "attn")]
     by_sq = integrate(raw, [modality], ImportanceConfig(mode="modality_prior", floor=0.01, statistic="square"))[0]
-    ratio = lambda w: float(w[modality == ANSWER].mean() / w[modality == VISION].mean())  # noqa: E731
+    ratio = lambda w: float(w[modality == ANSWER].mean() / w[modality == VISION].mean())
     assert ratio(by_sq[(0, "attn")]) > 10 * ratio(by_abs), "g^2 sharpens the answer/vision ratio"
     per_linear = integrate(raw, [modality], ImportanceConfig(source="linear"))
     assert set(per_linear[0]) == {(0, "self_attn.q_proj"), (0, "self_attn.k_proj")}

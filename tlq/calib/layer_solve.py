@@ -73,7 +73,9 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
 
     overrides = scale_layer_inputs(layer, layer_prefix, inputs.calib, inputs.kwargs, inputs.weights, adapter, cfg,
                                    dtype)
-    fp_scaled = copy.deepcopy(layer) if method.exposure == "corrected" else None
+    # the float (scaled) layer: targets of corrected exposure; with fp exposure also where every
+    # group reads its inputs, so later groups do not see the earlier groups' rounding (AutoAWQ's input_feat)
+    fp_scaled = copy.deepcopy(layer) if method.exposure in ("corrected", "fp") else None
     solve = SOLVERS[method.solver].solve
     settings = SolverSettings(scheme, dtype, damp=cfg.damp, act_order=cfg.act_order,
                               exposure_strength=cfg.exposure_strength, clip_search=method.clip_search,
@@ -82,12 +84,13 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
 
     quantized, hooks = {}, []
     for group in adapter.linear_groups:
-        X = collect_inputs(layer, group.names[0], inputs.calib, inputs.kwargs, device)
+        X = collect_inputs(fp_scaled if method.exposure == "fp" else layer, group.names[0], inputs.calib,
+                           inputs.kwargs, device)
         if not scheme.weight_only:
             X = quantize_activations_int8(X)
         w = group_weights(inputs.weights, group) if method.importance != "uniform" else None
         X_fp = None
-        if fp_scaled is not None:
+        if method.exposure == "corrected":
             X_fp = collect_inputs(fp_scaled, group.names[0], inputs.fp, inputs.kwargs, device)
         if w is not None or cfg.importance.max_tokens is not None:  # uniform weights: --max-tokens only
             keep = select_tokens(torch.ones(len(X)) if w is None else w, cfg.importance.drop_below,
