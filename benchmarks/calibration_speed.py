@@ -6,7 +6,9 @@ Model: `tlq fixture qwen2-vl --size medium` (text hidden 1024, intermediate 2816
 16/4 heads; the same shape as ../shared/reference/peer-anchors/build_medium_qwen2vl.py).
 Data: the bundled generator at two seeds (64 samples, 30-120 tokens, up to 64 image tokens).
 Every method runs in its own process with one intra-op thread; the table prints wall time
-and peak RSS as ratios to GPTQ measured in the same run. With --lc-python (a Python with
+and peak RSS as ratios to GPTQ measured in the same run (GPTQ runs first), and each run's wall
+time by phase (tlq_report.json), a row as soon as its run ends: a failed run (or llm-compressor
+failing) loses no earlier row. With --lc-python (a Python with
 llm-compressor installed, see the peer-anchors setup script) llm-compressor's GPTQ W4A16 on the
 same model runs as a second reference; otherwise the anchor measured on these machines is shown.
 """
@@ -32,9 +34,10 @@ from tlq.calib.config import CalibConfig, get_method
 from tlq import calibrate
 from tlq.schemes import get_scheme
 model, out, method, scheme, calib = sys.argv[1:6]
-calibrate(CalibConfig(model=model, out=out, method=get_method(method), scheme=get_scheme(scheme),
-                      calib=calib, overwrite=True), progress=False)
-print("RESULT " + json.dumps({"wall_s": time.time() - t,
+path = calibrate(CalibConfig(model=model, out=out, method=get_method(method), scheme=get_scheme(scheme),
+                             calib=calib, overwrite=True), progress=False)
+phases = json.load(open(f"{path}/tlq_report.json")).get("phase_seconds", {})
+print("RESULT " + json.dumps({"wall_s": time.time() - t, "phase_seconds": phases,
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -86,24 +89,35 @@ def main() -> None:
     parser.add_argument("--lc-python", default=None, help="python of a venv with llm-compressor")
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args()
+    from tlq.calib.timing import PHASES
     from tlq.fixtures import ensure_fixture
     model = ensure_fixture("qwen2-vl", size="medium", seed=0)
-    results = {}
+    methods = args.methods.split(",")
+    methods.sort(key=lambda m: m != "gptq")  # the baseline first, so every row can print its ratios at once
+    results, reference = {}, None
+    print(f"model {model.name}, {args.samples} samples, 1 thread per process; each row prints when its run ends")
+    columns = [*PHASES, "other"]
+    print(f"{'method':<12} {'scheme':<7} {'wall s':>8} {'peak MB':>8} {'wall/gptq':>10} {'rss/gptq':>9}   "
+          + "  ".join(f"{c:>12}" for c in columns), flush=True)
     with tempfile.TemporaryDirectory(prefix="tlq-bench-") as tmp:
         calib = build_calibration(Path(tmp) / "data", args.samples)
-        for method in args.methods.split(","):
-            print(f"calibrating with {method} ({METHOD_SCHEMES[method]}) ...", flush=True)
-            results[method] = run_method(model, Path(tmp) / method, method, calib)
-        reference = None
+        for method in methods:
+            try:
+                r = results[method] = run_method(model, Path(tmp) / method, method, calib)
+            except RuntimeError as exc:  # keep the rows measured so far; say which run failed and why
+                print(f"{method:<12} FAILED: {str(exc).splitlines()[-1]}", flush=True)
+                continue
+            base = results.get("gptq")
+            ratios = [f"{r[k] / base[k]:.2f}x" if base else "-" for k in ("wall_s", "peak_rss_mb")]
+            phases = "  ".join(f"{r['phase_seconds'].get(c, 0.0):>11.1f}s" for c in columns)
+            print(f"{method:<12} {METHOD_SCHEMES[method]:<7} {r['wall_s']:8.1f} {r['peak_rss_mb']:8.0f} "
+                  f"{ratios[0]:>10} {ratios[1]:>9}   {phases}", flush=True)
         if args.lc_python:
-            reference = run_llm_compressor(args.lc_python, model, Path(tmp) / "lc", args.samples)
+            try:
+                reference = run_llm_compressor(args.lc_python, model, Path(tmp) / "lc", args.samples)
+            except RuntimeError as exc:
+                print(f"llm-compressor FAILED: {str(exc).splitlines()[-1]}", flush=True)
     base = results.get("gptq")
-    print(f"\nmodel {model.name}, {args.samples} samples, 1 thread per process")
-    print(f"{'method':<12} {'scheme':<7} {'wall s':>8} {'peak MB':>8} {'wall/gptq':>10} {'rss/gptq':>9}")
-    for method, r in results.items():
-        ratio = lambda k: f"{r[k] / base[k]:.2f}x" if base else "-"  # noqa: E731
-        print(f"{method:<12} {METHOD_SCHEMES[method]:<7} {r['wall_s']:8.1f} {r['peak_rss_mb']:8.0f} "
-              f"{ratio('wall_s'):>10} {ratio('peak_rss_mb'):>9}")
     if base:
         lc = reference or LC_ANCHOR
         label = "llm-compressor GPTQ (measured now)" if reference else "llm-compressor GPTQ anchor (peer-anchors)"

@@ -17,6 +17,7 @@ from tlq.calib.config import CalibConfig
 from tlq.calib.importance import group_weights
 from tlq.calib.input_scaling import scale_layer_inputs
 from tlq.calib.probes import collect_inputs
+from tlq.calib.timing import timed
 from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8
 from tlq.quant.solvers import SOLVERS, GroupData, SolverSettings
 
@@ -71,8 +72,9 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
     device, scheme, method = cfg.device, cfg.scheme, cfg.method
     layer.to(device)
 
-    overrides = scale_layer_inputs(layer, layer_prefix, inputs.calib, inputs.kwargs, inputs.weights, adapter, cfg,
-                                   dtype)
+    with timed("scale search"):
+        overrides = scale_layer_inputs(layer, layer_prefix, inputs.calib, inputs.kwargs, inputs.weights, adapter,
+                                       cfg, dtype)
     # the float (scaled) layer: targets of corrected exposure; with fp exposure also where every
     # group reads its inputs, so later groups do not see the earlier groups' rounding (AutoAWQ's input_feat)
     fp_scaled = copy.deepcopy(layer) if method.exposure in ("corrected", "fp") else None
@@ -102,7 +104,8 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
         data = GroupData(*(None if t is None else t.to(device) for t in (X, w, X_fp)))
         for name in group.names:
             lin = get_submodule(layer, name)
-            qw = solve(lin.weight.detach().float(), data, no_clip if name in adapter.qk_linears else settings)
+            with timed("solve"):
+                qw = solve(lin.weight.detach().float(), data, no_clip if name in adapter.qk_linears else settings)
             with torch.no_grad():
                 lin.weight.copy_(qw.dequantize(lin.weight.dtype))
             quantized[f"{layer_prefix}.{name}"] = qw.to("cpu")

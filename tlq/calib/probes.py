@@ -10,6 +10,7 @@ from torch import nn
 
 from tlq.adapters import LinearGroup, ModelAdapter, get_submodule
 from tlq.calib.capture import to_device
+from tlq.calib.timing import timed
 
 
 class _Stop(Exception):
@@ -44,8 +45,9 @@ def collect_inputs(layer: nn.Module, module_name: str, hidden: list[torch.Tensor
         x = args[0] if args else next(iter(kw.values()))
         store.append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
 
-    _run_until(layer, get_submodule(layer, module_name), keep, hidden, kwargs, device)
-    return torch.cat(store)
+    with timed("statistics"):
+        _run_until(layer, get_submodule(layer, module_name), keep, hidden, kwargs, device)
+        return torch.cat(store)
 
 
 def inspected_block(adapter: ModelAdapter, group: LinearGroup) -> str | None:

@@ -21,6 +21,8 @@ from tlq.calib.config import CalibConfig
 from tlq.calib.layer_loop import WorkFolder, run_layer_loop
 from tlq.calib.phases import calibration_record, load_samples, open_and_check, token_weights
 from tlq.calib.rss import rss_mark, trim_heap, write_memory_record
+from tlq.calib.timing import phase_times, reset_phase_times, timed
+from tlq.format.checkpoint import write_report
 
 log = logging.getLogger("tlq.calibrate")
 
@@ -29,15 +31,18 @@ def calibrate_single(cfg: CalibConfig, progress: bool = True) -> Path:
     """Run one calibration in this process and write its checkpoint; returns the checkpoint folder."""
     source = open_and_check(cfg)
     t0 = time.time()
+    reset_phase_times()
     samples = load_samples(cfg)  # every line is checked before any model work starts
     model = source.load_hf_model()
-    captured = capture_samples(model, source, samples, progress)
+    with timed("capture"):
+        captured = capture_samples(model, source, samples, progress)
     rss_mark("captured")
     work = WorkFolder(cfg.work_dir, cfg.run_key())
     done = work.open(cfg.resume)
     if done:
         log.info("resuming from %s: %d layer(s) already calibrated", cfg.work_dir, done)
-    weights = token_weights(model, source, captured, cfg, work, progress)
+    with timed("gradients"):
+        weights = token_weights(model, source, captured, cfg, work, progress)
     trim_heap()
     rss_mark("token weights")
     num_layers = len(source.adapter.layers(model))
@@ -47,10 +52,12 @@ def calibrate_single(cfg: CalibConfig, progress: bool = True) -> Path:
     del model, captured, weights
     loop.final_streams = None
     trim_heap()
-    report = {"layers": loop.layer_stats, "total_seconds": round(time.time() - t0, 2),
-              "method": cfg.method.name, "scheme": cfg.scheme.name}
-    out = write_quantized_model(source, cfg.out, cfg.scheme, cfg.method.name, loop.quantized, loop.float_overrides,
-                                calibration, report, cfg.act_order, cfg.overwrite)
+    with timed("write"):  # the report is written last, so its own write is not in it
+        out = write_quantized_model(source, cfg.out, cfg.scheme, cfg.method.name, loop.quantized,
+                                    loop.float_overrides, calibration, None, cfg.act_order, cfg.overwrite)
+    total = time.time() - t0
+    write_report(out, {"layers": loop.layer_stats, "total_seconds": round(total, 2), "method": cfg.method.name,
+                       "scheme": cfg.scheme.name, "phase_seconds": phase_times(total)})
     rss_mark("written")
     shutil.rmtree(cfg.work_dir, ignore_errors=True)
     if os.environ.get("TLQ_DIST_RECORD"):  # as each rank of tlq/multirank does (benchmarks/multirank.py)

@@ -95,6 +95,11 @@ def _print_summary(path: Path) -> None:
             table.add_row(str(row["layer"]), fmt(row["rel_vision"]), fmt(row["rel_text"]),
                           f"{row['seconds']:.2f}", f"{row['peak_mem_mb']:.0f}")
         Console(stderr=True).print(table)
+    from tlq.calib.timing import format_phase_times
+    if "phase_seconds" in report:
+        typer.echo(format_phase_times(report["phase_seconds"]), err=True)
+    for rank in report.get("ranks", []):
+        typer.echo(f"rank {rank['rank']}: {format_phase_times(rank['phase_seconds'])}", err=True)
     typer.echo(f"checkpoint written to {path} ({report['total_seconds']:.1f} s)")
 
 

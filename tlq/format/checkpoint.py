@@ -195,6 +195,12 @@ def write_checkpoint(out_dir: Path, source_dir: Path, content: CheckpointContent
     return out_dir
 
 
+def write_report(folder: Path, report: dict) -> None:
+    """tlq_report.json into a finished checkpoint (it is not in the manifest: a run writes it last,
+    once its write time is known)."""
+    write_json_atomic(Path(folder) / REPORT, report)
+
+
 def swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename a finished folder to `out_dir`, replacing an older one only now that the new is complete."""
     if out_dir.exists():

@@ -25,6 +25,7 @@ from tlq.calib.phases import (
     rtn_packed,
 )
 from tlq.calib.rss import peak_rss_mb, rss_mark, trim_heap, write_memory_record
+from tlq.calib.timing import phase_times, reset_phase_times, timed
 from tlq.errors import TLQError
 from tlq.multirank.context import PeerLost, RankContext, init_rank, rank_device
 from tlq.multirank.exchange import all_agree, collect, mbq_gather, merge_weights, share_samples
@@ -76,6 +77,7 @@ def _fail(ctx: RankContext, exc: BaseException) -> None:
 
 def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | None:
     t0 = time.time()
+    reset_phase_times()
     source = open_and_check(cfg)
     tmp = temp_folder(cfg.out, _run_id(ctx))
     ctx.watchdog.add_cleanup((lambda: shutil.rmtree(tmp, ignore_errors=True)) if ctx.is_first
@@ -104,12 +106,13 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
     tensors, layers = stored_tensors(source, set(mine.values()), quantized, overrides,
                                      read=lambda names: read_tensors(source, names, record))
     del quantized, overrides
-    files = write_shards(tmp, ctx.rank, tensors)
+    with timed("write"):
+        files = write_shards(tmp, ctx.rank, tensors)
     del tensors
     summary = {"rank": ctx.rank, "layers": [stage.start, stage.stop - 1], "stats": stats, "files": files,
                "quantized_layers": layers, "loaded_tensors": len(record.names),
                "loaded_mb": round(record.nbytes / 2**20, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-               "seconds": round(time.time() - t0, 2),
+               "seconds": round(time.time() - t0, 2), "phase_seconds": phase_times(time.time() - t0),
                "weights": weights if cfg.method.needs_gradients else None}
     summaries = collect(ctx, summary)
     path = None
@@ -130,13 +133,15 @@ def _calibrate_stage(ctx: RankContext, cfg: CalibConfig, source, model, mine: di
     """Load this rank's tensors, capture (rank 0), token weights, FP targets ahead, layer loop."""
     ctx.watchdog.phase = "loading this rank's weights"
     materialize(model, source, mine, record)
-    captured = share_samples(ctx, capture_samples(model, source, samples, progress) if ctx.is_first else None)
+    with timed("capture"):
+        captured = share_samples(ctx, capture_samples(model, source, samples, progress) if ctx.is_first else None)
     key = {**cfg.run_key(), "rank": ctx.rank, "world": ctx.world, "layers": [stage.start, stage.stop]}
     work = WorkFolder(rank_work_dir(cfg, ctx.rank, ctx.world), key)
     done = max(work.open(cfg.resume), stage.start)
     if done > stage.start:
         log.info("rank %d resumes from %s: %d layer(s) done", ctx.rank, work.path, done - stage.start)
-    weights, entry = _token_weights(ctx, model, source.adapter, stage, captured, cfg, work, progress)
+    with timed("gradients"):
+        weights, entry = _token_weights(ctx, model, source.adapter, stage, captured, cfg, work, progress)
     trim_heap()
     rss_mark("token weights")
     entry, targets = fp_prefetch(ctx, model, source.adapter, stage, captured, entry, cfg.device,
@@ -188,7 +193,8 @@ def _assemble(ctx: RankContext, cfg: CalibConfig, source, tmp: Path, summaries: 
         layers.update(s["quantized_layers"])
     report = {"layers": [row for s in summaries for row in s["stats"]], "total_seconds": round(time.time() - t0, 2),
               "method": cfg.method.name, "scheme": cfg.scheme.name,
-              "ranks": [{k: s[k] for k in ("rank", "layers", "loaded_tensors", "loaded_mb", "peak_rss_mb", "seconds")}
+              "ranks": [{k: s[k] for k in ("rank", "layers", "loaded_tensors", "loaded_mb", "peak_rss_mb", "seconds",
+                                           "phase_seconds")}
                         for s in summaries]}
     return finalize(tmp, cfg.out, source, [s["files"] for s in summaries], layers, cfg.method.name, cfg.scheme,
                     cfg.act_order, calibration, report, cfg.overwrite)
