@@ -282,9 +282,21 @@ def test_damaged_checkpoint_is_refused_before_loading(runs):
 
 @pytest.mark.parametrize("arch, name", [(a, n) for a, names in CT_EXPORTS.items() for n in names])
 def test_compressed_tensors_export_matches_plugin(runs, arch, name):
+    """Weight-only exports run the same CPUWNA16 kernel as the plugin: LOGPROB_TOL.
+
+    w4a8: stock vLLM serves compressed-tensors W4A8Int on x86 CPUs with Dynamic4bitLinearKernel
+    (torch's `_dyn_quant_matmul_4bit`, built for Arm KleidiAI), which quantizes activations its own
+    way, not the checkpoint's symmetric per-token int8 that the plugin's oneDNN int8 kernel runs
+    (tests/vllm_plugin/test_export_ct.py measures it). Both are W4A8 approximations of the same
+    weights, so they are held to the W4A8 float tolerance against each other and the float model.
+    """
     report = runs.arch(arch)
     exported, plugin = ok(report, f"{name}-ct"), ok(report, name)
-    assert not compare(exported, plugin, LOGPROB_TOL), compare(exported, plugin, LOGPROB_TOL)
+    tol = W4A8_FLOAT_TOL if name == "w4a8" else LOGPROB_TOL
+    assert not compare(exported, plugin, tol), compare(exported, plugin, tol)
+    if name == "w4a8":
+        ref = ok(report, f"{name}-deq")
+        assert not compare(exported, ref, W4A8_FLOAT_TOL), compare(exported, ref, W4A8_FLOAT_TOL)
 
 
 TP_CASES = ["w3a16-g128-asym", "w4a16-g64-asym-actorder"]
