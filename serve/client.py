@@ -75,11 +75,16 @@ def file_data_url(path: Path) -> str:
 
 @dataclass
 class Endpoint:
-    """A local OpenAI endpoint to talk to: `base` is the /v1 URL, `model` the served name."""
+    """A local OpenAI endpoint to talk to: `base` is the /v1 URL, `model` the served name.
+
+    `server` is the ServerProcess behind it when we started one (its status_line() says why a
+    run failed); None for a URL given by the user.
+    """
 
     base: str
     model: str
     api_key: str | None = None
+    server: object | None = None
 
     def client(self, timeout: float = 300.0, asynchronous: bool = False):
         from openai import AsyncOpenAI, OpenAI
@@ -90,7 +95,11 @@ class Endpoint:
 @contextlib.contextmanager
 def open_target(target: str, port: int, api_key: str | None = None, model: str | None = None,
                 serve_overrides: dict | None = None, echo=print):
-    """Yield an Endpoint for `target`: a local URL as is, or a model folder served for the duration."""
+    """Yield an Endpoint for `target`: a local URL as is, or a model folder served for the duration.
+
+    If the work fails (an exception) or the server dies meanwhile, its status and log path are
+    printed and the log is kept.
+    """
     if "://" in target:
         base = api_base(target)
         yield Endpoint(base, pick_model(base, api_key, model), api_key)
@@ -102,4 +111,10 @@ def open_target(target: str, port: int, api_key: str | None = None, model: str |
     echo(f"serving {server.defaults.path} on {server.url} for this run ...")
     with server:
         echo(f"  ready in {server.ready_after:.0f} s")
-        yield Endpoint(server.url, server.model_name, api_key)
+        try:
+            yield Endpoint(server.url, server.model_name, api_key, server)
+        except BaseException:
+            echo(f"  {server.status_line()}")
+            raise
+        if server.failed():
+            echo(f"  {server.status_line()}")

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from serve.config import ServeConfig, check_tensor_parallel, model_defaults, resolve, vllm_command, vllm_env
-from serve.failure import crash_reason, describe_status
+from serve.failure import EXIT_MARK, crash_reason, describe_status
 from tlq.errors import TLQError
 
 log = logging.getLogger("tlq.serve")
@@ -193,16 +193,32 @@ class ServerProcess:
         """True once the server process exited or one of its engine processes is gone."""
         return self.proc is not None and (self.proc.poll() is not None or bool(self.dead_processes()))
 
-    def failure_reason(self) -> str:
-        """One line: what died, of what (signal), the last Python frame, the exit code, the log path."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            text = ""
+    def failure_reason(self, settle: float = 2.0) -> str:
+        """One line: what died, of what (signal), the last Python frame, the exit code, the log path.
+
+        Waits up to `settle` s for the dead process's exit report (serve/failure.py) to reach the log.
+        """
+        deadline = time.monotonic() + settle
+        while True:
+            try:
+                text = self.log_path.read_text(errors="replace")
+            except OSError:
+                text = ""
+            if EXIT_MARK in text or time.monotonic() > deadline or not self.dead_processes():
+                break
+            time.sleep(0.1)
         reason = crash_reason(text, self.dead_processes())
         rc = self.proc.poll() if self.proc else None
         server = "" if rc is None else f"; API server {describe_status(rc)}"
         return f"{reason}{server}; log: {self.log_path}"
+
+    def status_line(self) -> str:
+        """For a caller whose work failed: why the server died, or that it still runs; the log path."""
+        if self.proc is None:
+            return "the vLLM server was not started"
+        if self.failed():
+            return f"the vLLM server died: {self.failure_reason()}"
+        return f"the vLLM server is still up; its log: {self.log_path}"
 
     def stop(self, sig: int = signal.SIGINT, grace: float = STOP_GRACE_S, keep_log: bool = False) -> int | None:
         """Forward `sig` to the server, SIGKILL its process group after `grace` s; idempotent.

@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import pytest
+from fake_vllm import ENGINE_SERVER
 
 from serve.config import ServeConfig
 
@@ -27,30 +28,6 @@ FAKE_SERVER = textwrap.dedent("""
         sys.exit(0)
     signal.signal(signal.SIGTERM, bye)
     signal.signal(signal.SIGINT, bye)
-    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-""")
-
-# Like vLLM's API server when its engine dies: it reaps the engine, then keeps answering /health
-# (vLLM's watchdog would exit after 5 s; a hung one never does). Exits are reported as serve.entry does.
-FAKE_ENGINE_SERVER = textwrap.dedent("""
-    import http.server, multiprocessing as mp, multiprocessing.connection, sys, threading, time
-    from serve.failure import report_exits
-    report_exits()
-    def engine_loop():
-        while True:
-            time.sleep(0.05)
-    engine = mp.get_context("fork").Process(target=engine_loop, name="EngineCore_DP0")
-    engine.start()
-    def monitor():
-        mp.connection.wait([engine.sentinel])
-        engine.join()  # reaps it: the pipe closes a moment before the process is a zombie
-    threading.Thread(target=monitor, daemon=True).start()
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/health" else 404)
-            self.end_headers()
-        def log_message(self, *a):
-            pass
     http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """)
 
@@ -78,9 +55,21 @@ def test_cli_passes_options_through(qwen2_vl_dir, monkeypatch):
                                    "--vllm-arg=--max-num-batched-tokens=4096", "--max-num-seqs", "8"],
                              env={"TLQ_API_KEY": "k1"})
     assert res.exit_code == 0, res.output
-    cfg = seen["cfg"]
+    cfg = seen.pop("cfg")
     assert (cfg.port, cfg.tp, cfg.api_key, cfg.max_num_seqs, cfg.host) == (18431, 2, "k1", 8, "127.0.0.1")
-    assert cfg.extra_args == ["--max-num-batched-tokens=4096"]
+    assert cfg.extra_args == ["--max-num-batched-tokens=4096"] and cfg.cpu_int4 == "exact"
+    res = CliRunner().invoke(app, ["serve", str(qwen2_vl_dir), "--cpu-int4", "fast"])
+    assert res.exit_code == 0 and seen.pop("cfg").cpu_int4 == "fast", res.output
+    res = CliRunner().invoke(app, ["serve", str(qwen2_vl_dir), "--cpu-int4", "int2"])
+    assert res.exit_code == 2 and "cfg" not in seen
+
+
+def test_help_documents_cpu_int4():
+    from typer.testing import CliRunner
+
+    from tlq.cli import app
+    text = " ".join(CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "--cpu-int4" in text and "[default: exact]" in text and "int4 x int8" in text and "AMX" in text
 
 
 def test_banner_without_and_with_a_key(qwen2_vl_dir):
@@ -123,6 +112,7 @@ def test_signal_is_forwarded_and_nothing_is_left(qwen2_vl_dir, tmp_path, sig):
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
         text = out.read_text()
         assert f"got {sig.name}: server stopped" in text
+        assert "numerics: exact W4A16 on CPU" in text
         assert f"fake server got {sig.name}" in (tmp_path / "run" / "server.log").read_text()
     finally:
         if runner.poll() is None:
@@ -139,7 +129,7 @@ def test_engine_death_ends_tlq_serve_with_one_line_and_keeps_the_log(qwen2_vl_di
     port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
     out, err = tmp_path / "out.log", tmp_path / "err.log"
     with open(out, "wb") as f, open(err, "wb") as e:
-        runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(qwen2_vl_dir), str(port), FAKE_ENGINE_SERVER,
+        runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(qwen2_vl_dir), str(port), ENGINE_SERVER,
                                    str(tmp_path / "run")], stdout=f, stderr=e, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -175,7 +165,7 @@ def test_run_folder_is_removed_only_after_a_clean_run(qwen2_vl_dir, monkeypatch,
 
     from serve.process import ServerProcess, port_in_use
     port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
-    monkeypatch.setattr("serve.process.vllm_command", lambda cfg: [sys.executable, "-c", FAKE_ENGINE_SERVER, str(port)])
+    monkeypatch.setattr("serve.process.vllm_command", lambda cfg: [sys.executable, "-c", ENGINE_SERVER, str(port)])
     server = ServerProcess(ServeConfig(model=qwen2_vl_dir, port=port, verify=False, device="cpu"))
     try:
         server.start()

@@ -156,3 +156,33 @@ def test_stop_kills_the_whole_group(rtn_ckpt, tmp_path, monkeypatch):
     for pid in kids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert (tmp_path / "server.log").exists()
+
+
+@pytest.mark.parametrize("mode, flag", [("exact", "0"), ("fast", "1")])
+def test_cpu_int4_sets_the_plugin_and_vllm_switches(rtn_ckpt, tmp_path, mode, flag):
+    cfg = resolve(ServeConfig(model=rtn_ckpt, device="cpu", cpu_int4=mode), model_defaults(rtn_ckpt))
+    env = vllm_env(cfg, tmp_path, base={"TLQ_CPU_FAST_INT4": "stale", "VLLM_CPU_INT4_W4A8": "stale"})
+    assert env["TLQ_CPU_FAST_INT4"] == flag and env["VLLM_CPU_INT4_W4A8"] == flag  # the flag wins
+    assert env["PYTHONFAULTHANDLER"] == "1"  # a crashing vLLM process leaves its stack in the log
+    gpu = vllm_env(resolve(ServeConfig(model=rtn_ckpt, device="cuda", cpu_int4=mode), model_defaults(rtn_ckpt)),
+                   tmp_path, base={})
+    assert "TLQ_CPU_FAST_INT4" not in gpu and "VLLM_CPU_INT4_W4A8" not in gpu
+    with pytest.raises(TLQError, match="--cpu-int4 must be one of exact, fast"):
+        ServeConfig(model=rtn_ckpt, cpu_int4="fastest")
+
+
+def test_numerics_line_says_what_runs_on_this_cpu(rtn_ckpt):
+    from serve.config import numerics_line
+    d = model_defaults(rtn_ckpt)
+    amx = {"avx512f", "amx_tile", "amx_int8", "amx_bf16"}
+
+    def line(mode, flags, **kw):
+        return numerics_line(resolve(ServeConfig(model=rtn_ckpt, device="cpu", cpu_int4=mode, **kw), d), flags)
+
+    assert line("exact", amx).startswith("numerics: exact W4A16 on CPU")
+    assert line("fast", amx).startswith("numerics: fast int4 x int8 on CPU (AMX")
+    assert line("fast", {"avx512f"}) == ("numerics: --cpu-int4 fast requested, but this CPU lacks amx_tile, amx_int8: "
+                                         "exact W4A16 on CPU (the plugin logs the kernel per layer)")
+    assert "needs bfloat16 activations, not float16: exact W4A16" in line("fast", amx, dtype="float16")
+    gpu = numerics_line(resolve(ServeConfig(model=rtn_ckpt, device="cuda", cpu_int4="fast"), d))
+    assert gpu.startswith("numerics: vLLM's GPU kernels")

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlq.errors import TLQError
+
 
 @dataclass
 class DemoConfig:
@@ -68,7 +70,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     """Run every phase; returns {"phases": {name: seconds}, "answers": {...}, "bench": {...}}."""
     from serve.client import Endpoint, file_data_url
     from serve.config import ServeConfig
-    from serve.process import ServerProcess
+    from serve.process import ServerDied, ServerProcess
     from tlq.bench import BenchConfig
     from tlq.bench.loadgen import run_bench
     from tlq.calib.config import CalibConfig, get_method
@@ -91,6 +93,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                               max_samples=cfg.max_samples, overwrite=True, resume=False), progress=False)
         echo(f"   checkpoint {ckpt}")
     server = ServerProcess(ServeConfig(model=ckpt, port=cfg.port))
+    failed = True
     try:
         with clock.phase("serve (start-up)"):
             server.start()
@@ -111,9 +114,18 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             bcfg = BenchConfig(concurrency=list(cfg.bench_concurrency), requests=cfg.bench_requests,
                                max_tokens=32, image_sizes=[224], warmup=1, max_seconds=60)
             out["bench"] = run_bench(endpoint, bcfg, echo=lambda m: echo("   " + m.strip()))
+        failed = server.failed()
+    except Exception as exc:  # an HTTP 500, a timeout, a reset: say why the server failed, keep its log
+        if isinstance(exc, ServerDied) or server.proc is None:
+            raise  # already says why (with the log), or no server ran
+        first = (str(exc).splitlines() or [""])[0][:200]
+        what = first if isinstance(exc, TLQError) else f"{type(exc).__name__}: {first}"
+        raise TLQError(f"the demo failed ({what}); {server.status_line()}") from exc
     finally:
         with clock.phase("shutdown"):
-            server.stop()
+            server.stop(keep_log=failed)
+    if failed:
+        raise TLQError(f"the demo's server died during the bench: {server.failure_reason()}")
     out["phases"] = {k: round(v, 2) for k, v in clock.times.items()}
     echo(clock.summary())
     return out
