@@ -123,7 +123,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     # with outlier channels); on the plain fixtures it costs little.
     MethodSpec("tlq", "TLQ: gradient token importance, weighted scale search and GPTQ, quantization-exposed "
                "with FP target", importance="token", input_scaling="awq", solver="gptq", exposure="corrected",
-               scale_search=ScaleSearchSpec(block_loss=False, weighted_statistic=True), damp=0.1,
+               scale_search=ScaleSearchSpec(block_loss=False, weighted_statistic=True, judge="solver"), damp=0.1,
                exposure_strength=0.5),
 )}
 

@@ -7,6 +7,13 @@ each linear group, W -> W * s, so the float layer computes the same function.
   smoothquant  SmoothQuant's s (tlq/quant/smoothquant.py), only for the groups fed by a norm
                (q/k/v and gate/up, as the paper and llm-compressor's default mappings)
   auto         awq where activations are quantized, none for weight-only schemes
+
+With ScaleSearchSpec.judge "solver" (TLQ) the searched s of a group is kept only when the
+group's token-weighted output error after the method's solver is lower than with s = 1:
+    E(s) = sum_t w_t || Y_t - act(X_t / s) Q(s)^T ||^2,   Q(s) = solver(W s, X / s, X_fp / s)
+with Y = X_fp W^T (corrected exposure; else X W^T). The identity is a candidate, so input
+scaling never makes a solved group worse on the calibration tokens. The judge reads each
+group's inputs from the float layer, before any group of the layer is quantized.
 """
 from __future__ import annotations
 
@@ -17,8 +24,10 @@ from tlq.adapters import LinearGroup, ModelAdapter, get_submodule
 from tlq.calib.config import CalibConfig
 from tlq.calib.importance import group_weights
 from tlq.calib.probes import BlockProbe, collect_inputs, inspected_block
+from tlq.quant.qparams import quantize_activations_int8
 from tlq.quant.scale_search import search_input_scales
 from tlq.quant.smoothquant import smooth_scales
+from tlq.quant.solvers import SOLVERS, GroupData, SolverSettings
 
 
 def resolve_scaling(scaling: str, weight_only: bool) -> str:
@@ -52,11 +61,31 @@ def can_fold(layer: nn.Module, group: LinearGroup, channels: int) -> bool:
     return get_submodule(layer, group.prev_op).weight.shape[0] == channels
 
 
+def solved_error(Ws: list[torch.Tensor], X: torch.Tensor, X_fp: torch.Tensor | None, w: torch.Tensor | None,
+                 s: torch.Tensor, cfg: CalibConfig, dtype: torch.dtype) -> float:
+    """E(s) of the module docstring: the group's weighted output error after the method's solver."""
+    Xs = X / s
+    if not cfg.scheme.weight_only:
+        Xs = quantize_activations_int8(Xs)
+    data = GroupData(Xs, w, None if X_fp is None else X_fp / s)
+    settings = SolverSettings(cfg.scheme, dtype, damp=cfg.damp, act_order=cfg.act_order,
+                              exposure_strength=cfg.exposure_strength, clip_search=cfg.method.clip_search,
+                              n_grid=cfg.n_grid)
+    weight = torch.ones(len(X), device=X.device) if w is None else w
+    error = 0.0
+    for W in Ws:
+        Q = SOLVERS[cfg.method.solver].solve(W * s, data, settings).dequantize().to(X.device)
+        Y = (X if X_fp is None else X_fp) @ W.T
+        error += float((weight * (Y - Xs @ Q.T).square().sum(1)).sum())
+    return error
+
+
 def scale_layer_inputs(layer: nn.Module, layer_prefix: str, hidden: list[torch.Tensor], kwargs: list[dict],
-                       weights: list[dict], adapter: ModelAdapter, cfg: CalibConfig, dtype: torch.dtype
-                       ) -> dict[str, torch.Tensor]:
+                       weights: list[dict], adapter: ModelAdapter, cfg: CalibConfig, dtype: torch.dtype,
+                       fp_hidden: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Search and fold the input scales of `layer` on the samples `hidden`; returns the changed float
-    tensors that are not quantized linears (norm weights) by full tensor name."""
+    tensors that are not quantized linears (norm weights) by full tensor name. `fp_hidden` (the float
+    stream) gives the judge its targets under corrected exposure."""
     scaling = resolve_scaling(cfg.method.input_scaling, cfg.scheme.weight_only)
     if scaling == "none":
         return {}
@@ -76,9 +105,16 @@ def scale_layer_inputs(layer: nn.Module, layer_prefix: str, hidden: list[torch.T
         w = group_weights(weights, group).to(device) if method.importance != "uniform" else None
         block_path = inspected_block(adapter, group) if method.scale_search.block_loss else None
         probe = BlockProbe(layer, block_path, group.names, hidden, kwargs, device) if block_path else None
-        scales.append((group, search_input_scales(Ws, X, cfg.scheme, dtype, w=w, n_grid=cfg.n_grid,
-                                                  act_quant=not cfg.scheme.weight_only, spec=method.scale_search,
-                                                  block=probe)))
+        s = search_input_scales(Ws, X, cfg.scheme, dtype, w=w, n_grid=cfg.n_grid,
+                                act_quant=not cfg.scheme.weight_only, spec=method.scale_search, block=probe)
+        if method.scale_search.judge == "solver":
+            X_fp = None
+            if method.exposure == "corrected" and fp_hidden is not None:
+                X_fp = collect_inputs(layer, group.names[0], fp_hidden, kwargs, device).to(device)
+            if solved_error(Ws, X, X_fp, w, s, cfg, dtype) >= solved_error(Ws, X, X_fp, w, torch.ones_like(s), cfg,
+                                                                             dtype):
+                continue  # the identity wins (ties too)
+        scales.append((group, s))
     overrides = {}
     for group, s in scales:
         fold_scale(layer, group, s)

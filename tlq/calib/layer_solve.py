@@ -74,7 +74,7 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
 
     with timed("scale search"):
         overrides = scale_layer_inputs(layer, layer_prefix, inputs.calib, inputs.kwargs, inputs.weights, adapter,
-                                       cfg, dtype)
+                                       cfg, dtype, fp_hidden=inputs.fp)
     # the float (scaled) layer: targets of corrected exposure; with fp exposure also where every
     # group reads its inputs, so later groups do not see the earlier groups' rounding (AutoAWQ's input_feat)
     fp_scaled = copy.deepcopy(layer) if method.exposure in ("corrected", "fp") else None

@@ -35,6 +35,7 @@ from tlq.quant.qparams import n_groups, quantize_activations_int8, quantize_rtn
 from tlq.schemes import QuantScheme
 
 SCALE_LOSSES = ("mse", "mae")
+SCALE_JUDGES = ("proxy", "solver")
 # (weights of the group's linears, transform of their inputs or None) -> block output [T, C]
 BlockOutput = Callable[[list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor] | None], torch.Tensor]
 
@@ -50,16 +51,23 @@ class ScaleSearchSpec:
         weighted_statistic: the activation statistic m uses the token weights (TLQ); AWQ's and
             MBQ's get_act_scale is the plain mean.
         duo_scaling: AutoAWQ's s = m^a / v^(1-a); llm-awq and MBQ use s = m^a.
+        judge: "proxy" keeps the grid's best s (the published methods: their solver is RTN, the
+            proxy's own quantizer); "solver" keeps it only if the group's output error after the
+            method's solver (e.g. GPTQ) is lower than with s = 1 (tlq/calib/input_scaling.py), so
+            scaling never makes the solved group worse on the calibration tokens.
     """
 
     loss: str = "mse"
     block_loss: bool = True
     weighted_statistic: bool = False
     duo_scaling: bool = False
+    judge: str = "proxy"
 
     def __post_init__(self):
         if self.loss not in SCALE_LOSSES:
             raise TLQError(f"unknown scale-search loss {self.loss!r}; use 'mse' (AWQ) or 'mae' (MBQ)")
+        if self.judge not in SCALE_JUDGES:
+            raise TLQError(f"unknown scale judge {self.judge!r}; use one of {', '.join(SCALE_JUDGES)}")
 
 
 def _token_weights(X: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
