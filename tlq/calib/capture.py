@@ -54,14 +54,14 @@ class _StopForward(Exception):
 _DROPPED_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
 
 
-def to_device(obj, device):
-    """Move tensors inside nested tuples/lists/dicts."""
+def to_device(obj, device, dtype: torch.dtype | None = None):
+    """Move tensors inside nested tuples/lists/dicts; floating-point ones also to `dtype` when given."""
     if torch.is_tensor(obj):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
     return obj
 
 

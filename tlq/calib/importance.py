@@ -65,31 +65,41 @@ def sft_loss(model, adapter: ModelAdapter, hidden: torch.Tensor, labels: torch.T
     return F.cross_entropy(logits[0, :-1], labels[0, 1:].to(logits.device), ignore_index=-100)
 
 
+def gradient_dtype(model) -> torch.dtype:
+    """Where the gradient pass computes: fp16 has too little range for small token gradients (and
+    there is no loss scaling), so fp16 models compute it in fp32; bf16 and fp32 ones in their dtype."""
+    dtype = next(model.parameters()).dtype
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def token_gradients(model, adapter: ModelAdapter, samples: list[CapturedSample], device: str = "cpu",
                     progress: bool = True) -> RawImportance:
     """Raw importance a^{l,b}_t for every sample, layer and block (see module docstring)."""
     layers = adapter.layers(model)
-    head = [get_submodule(model, adapter.final_norm), get_submodule(model, adapter.lm_head)]
+    dtype = gradient_dtype(model)
+    head = [on_device(get_submodule(model, adapter.final_norm), device, dtype),
+            on_device(get_submodule(model, adapter.lm_head), device, dtype)]
     for m in head:
-        m.to(device)
+        m.__enter__()
     raw: RawImportance = []
     every = range(len(layers))
     for sample in tqdm(samples, desc="gradients", disable=not progress, unit="sample"):
-        kwargs = to_device(sample.layer_kwargs, device)
-        inputs, h = forward_stage(layers, every, sample.hidden, kwargs, device)
+        kwargs = to_device(sample.layer_kwargs, device, dtype)
+        inputs, h = forward_stage(layers, every, sample.hidden.to(dtype), kwargs, device, dtype)
         h = h.detach().requires_grad_(True)
         if (sample.labels != -100).sum() == 0:
             raise ValueError(f"sample {sample.sample_id} has no answer tokens")
         sft_loss(model, adapter, h, sample.labels).backward()
         per_layer = {}
-        backward_stage(adapter, layers, every, inputs, h.grad, kwargs, device, per_layer)
+        backward_stage(adapter, layers, every, inputs, h.grad, kwargs, device, per_layer, dtype)
         raw.append(per_layer)
     for m in head:
-        m.to("cpu")
+        m.__exit__()
     return raw
 
 
-def forward_stage(layers, indices: range, h: torch.Tensor, kwargs: dict, device: str):
+def forward_stage(layers, indices: range, h: torch.Tensor, kwargs: dict, device: str,
+                  dtype: torch.dtype | None = None):
     """FP forward through layers[indices] (no graph); returns each layer's input (on CPU) and the output.
 
     A pipeline stage of the multi-rank gradient pass (tlq/dist) runs the same two halves.
@@ -98,13 +108,13 @@ def forward_stage(layers, indices: range, h: torch.Tensor, kwargs: dict, device:
     with torch.no_grad():
         for index in indices:
             inputs.append(h.cpu())
-            with _on(layers[index], device):
+            with on_device(layers[index], device, dtype):
                 h = layers[index](h.to(device), **kwargs)
     return inputs, h
 
 
 def backward_stage(adapter: ModelAdapter, layers, indices: range, inputs: list[torch.Tensor], grad: torch.Tensor,
-                   kwargs: dict, device: str, per_layer: dict) -> torch.Tensor:
+                   kwargs: dict, device: str, per_layer: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Recompute layers[indices] one at a time, last to first, each from its stored input, passing
     `grad` (dL/d output) back; fills per_layer[(index, source)] for every block and quantized
     linear (rows: STATISTICS) and returns dL/d(first input)."""
@@ -115,7 +125,7 @@ def backward_stage(adapter: ModelAdapter, layers, indices: range, inputs: list[t
         hooks = [get_submodule(layer, path).register_forward_hook(_keep_output(outputs, name))
                  for name, path in sources.items()]
         try:
-            with _on(layer, device), torch.enable_grad():
+            with on_device(layer, device, dtype), torch.enable_grad():
                 x = inputs[index - indices.start].to(device).requires_grad_(True)
                 layer(x, **kwargs).backward(grad)
         finally:
@@ -136,19 +146,22 @@ def _keep_output(store: dict, name: str):
     return hook
 
 
-class _on:
-    """Context manager: a module on `device` for the duration, back to CPU after."""
+class on_device:
+    """Context manager: a module on `device` (and in `dtype`, when given) for the duration, back to
+    the CPU and its own dtype after (exact: fp16 and bf16 values are fp32 values)."""
 
-    def __init__(self, module, device):
+    def __init__(self, module, device, dtype: torch.dtype | None = None):
         self.module, self.device = module, device
+        self.own = next(module.parameters()).dtype
+        self.dtype = dtype or self.own
 
     def __enter__(self):
-        if self.device != "cpu":
-            self.module.to(self.device)
+        if self.device != "cpu" or self.dtype != self.own:
+            self.module.to(self.device, self.dtype)
 
     def __exit__(self, *exc):
-        if self.device != "cpu":
-            self.module.to("cpu")
+        if self.device != "cpu" or self.dtype != self.own:
+            self.module.to("cpu", self.own)
 
 
 def _clip_per_modality(a: torch.Tensor, modality: torch.Tensor, k: float) -> torch.Tensor:

@@ -129,6 +129,8 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
     n_out, k_max = linears[widest]
     vocab = get_submodule(model, adapter.lm_head).weight.shape[0]
     b = get_submodule(model, adapter.lm_head).weight.element_size()
+    # the gradient pass of an fp16 model computes in fp32 (importance.gradient_dtype): twice the bytes
+    gb = 4 if str(get_submodule(model, adapter.lm_head).weight.dtype) == "torch.float16" else b
     stream = tokens * hidden * b
     corrected = method.exposure == "corrected"
     per_layer, codes, packed = {}, {}, {}
@@ -166,8 +168,9 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
         results = sum(packed.get(i, 0) for i in stage) + max(codes.get(i, 0) for i in stage)
         in_flight = graph = 0
         if method.needs_gradients:
-            in_flight = (nproc - r) * len(stage) * longest * hidden * b  # stored on the host
-            graph = layer + longest * (4 * hidden + 3 * n_out) * b * 2 + (3 * longest * vocab * 4 if r == nproc - 1 else 0)
+            in_flight = (nproc - r) * len(stage) * longest * hidden * gb  # stored on the host
+            graph = (layer * gb // b + longest * (4 * hidden + 3 * n_out) * gb * 2
+                     + (3 * longest * vocab * 4 if r == nproc - 1 else 0))
         grads = in_flight + graph
         base = (RUNTIME_BYTES + (CAPTURE_BYTES if r == 0 and method.needs_data else 0) + weights + extras
                 + streams + results)

@@ -13,7 +13,14 @@ from tqdm.auto import tqdm
 
 from tlq.adapters import ModelAdapter, get_submodule
 from tlq.calib.capture import CapturedSample, to_device
-from tlq.calib.importance import RawImportance, backward_stage, forward_stage, sft_loss
+from tlq.calib.importance import (
+    RawImportance,
+    backward_stage,
+    forward_stage,
+    gradient_dtype,
+    on_device,
+    sft_loss,
+)
 from tlq.multirank.context import RankContext
 
 
@@ -21,12 +28,16 @@ def pipeline_gradients(ctx: RankContext, model, adapter: ModelAdapter, stage: ra
                        samples: list[CapturedSample], device: str, progress: bool = True
                        ) -> tuple[RawImportance, list]:
     """Raw importance of this stage's layers per sample, and the FP stream at the stage's entry
-    (per sample, on CPU: the FP path of the layer loop starts from it, see stage_loop.py)."""
+    (per sample, on CPU: the FP path of the layer loop starts from it, see stage_loop.py; None when
+    the pass computed in another dtype than the layer loop does, fp16 models: see gradient_dtype)."""
     comm, layers, n = ctx.comm, adapter.layers(model), len(samples)
+    dtype = gradient_dtype(model)
+    same_numerics = dtype == next(model.parameters()).dtype
     if ctx.is_last:
-        head = [get_submodule(model, adapter.final_norm), get_submodule(model, adapter.lm_head)]
+        head = [on_device(get_submodule(model, adapter.final_norm), device, dtype),
+                on_device(get_submodule(model, adapter.lm_head), device, dtype)]
         for m in head:
-            m.to(device)
+            m.__enter__()
     raw: RawImportance = [{} for _ in range(n)]
     entry: list = [None] * n
     held: dict[int, tuple] = {}
@@ -34,10 +45,10 @@ def pipeline_gradients(ctx: RankContext, model, adapter: ModelAdapter, stage: ra
 
     def forward(i: int) -> None:
         sample = samples[i]
-        h = sample.hidden if ctx.is_first else comm.recv(ctx.rank - 1)
+        h = sample.hidden.to(dtype) if ctx.is_first else comm.recv(ctx.rank - 1)
         entry[i] = h
-        kwargs = to_device(sample.layer_kwargs, device)
-        inputs, out = forward_stage(layers, stage, h, kwargs, device)
+        kwargs = to_device(sample.layer_kwargs, device, dtype)
+        inputs, out = forward_stage(layers, stage, h, kwargs, device, dtype)
         grad = None
         if ctx.is_last:
             out = out.detach().requires_grad_(True)
@@ -53,7 +64,7 @@ def pipeline_gradients(ctx: RankContext, model, adapter: ModelAdapter, stage: ra
         inputs, grad, kwargs = held.pop(i)
         if grad is None:
             grad = comm.recv(ctx.rank + 1).to(device)
-        grad_in = backward_stage(adapter, layers, stage, inputs, grad, kwargs, device, raw[i])
+        grad_in = backward_stage(adapter, layers, stage, inputs, grad, kwargs, device, raw[i], dtype)
         if not ctx.is_first:
             comm.send(grad_in.cpu(), ctx.rank - 1)
         bar.update()
@@ -71,5 +82,5 @@ def pipeline_gradients(ctx: RankContext, model, adapter: ModelAdapter, stage: ra
     bar.close()
     if ctx.is_last:
         for m in head:
-            m.to("cpu")
-    return raw, entry
+            m.__exit__()
+    return raw, entry if same_numerics else None
