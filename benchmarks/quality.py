@@ -43,7 +43,7 @@ def parse_args(argv):
     p.add_argument("--models", nargs="+", default=list(training.ARCHS), choices=training.ARCHS)
     p.add_argument("--settings", nargs="*", default=None, choices=list(grid.SETTINGS),
                    help="settings to run (none: only the FP and sensitivity evaluation)")
-    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS + list(grid.VARIANTS),
+    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS + list(grid.VARIANTS) + list(grid.EQUAL_FOOTING),
                    help="methods (default: all baselines and tlq); tlq-* variants are candidates for TLQ's "
                         "defaults, to be compared with --split val")
     p.add_argument("--split", default="test", choices=("test", "val"),
@@ -98,7 +98,7 @@ def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
                  f"KL {rec['summary']['all']['kl']:.2e}")
     for setting_name in args.settings:
         setting = grid.SETTINGS[setting_name]
-        extra = list(grid.ABLATIONS) if setting_name in args.ablation_settings else []
+        extra = grid.extra_rows() if setting_name in args.ablation_settings else []
         for method in grid.methods_for(setting, args.methods) + extra:
             for seed in grid.seeds_for(method, list(opts.seeds)):
                 rec = run_cell(arch, model_dir, setting, method, seed, opts, data / "calib.jsonl", work, evalset,
@@ -125,7 +125,7 @@ def run_model(arch: str, args) -> dict:
     wanted = {(arch, grid.SETTINGS[s].label, m, seed) for s in args.settings
               for m in grid.methods_for(grid.SETTINGS[s], args.methods) for seed in grid.seeds_for(m, args.seeds)}
     wanted |= {(arch, grid.SETTINGS[s].label, m, seed) for s in args.ablation_settings
-               for m in grid.ABLATIONS for seed in args.seeds}
+               for m in grid.extra_rows() for seed in args.seeds}
     records = [r for r in log.records if (r["model"], r["setting"], r["method"], r["seed"]) in wanted
                and r["options"] == options_key(opts)]
     return {"arch": arch, "fp": fp, "sens": sens, "records": records, "pool": data / "calib.jsonl",

@@ -71,18 +71,35 @@ VARIANTS: dict[str, tuple[MethodSpec, dict]] = {
                                        summary="TLQ calibrated on the quantized path's own outputs"), {}),
     "tlq-mix-0.8": (METHODS["tlq"], {"importance": {"prior_mix": 0.8}}),
     "tlq-floor-0.3": (METHODS["tlq"], {"importance": {"floor": 0.3}}),
+    # the gradient statistic and source (ImportanceConfig.statistic / source)
+    "tlq-grad-square": (METHODS["tlq"], {"importance": {"statistic": "square"}}),
+    "tlq-grad-linear": (METHODS["tlq"], {"importance": {"source": "linear"}}),
+    # input scales kept by the RTN proxy alone (TLQ judges them by the loss after GPTQ)
+    "tlq-scale-proxy": (replace(METHODS["tlq"], name="tlq-scale-proxy",
+                                scale_search=replace(METHODS["tlq"].scale_search, judge="proxy"),
+                                summary="TLQ with input scales chosen by the RTN proxy only"), {}),
+    # AutoAWQ's default duo scaling (llm-awq and MBQ use s = mean|x|^alpha)
+    "awq-duo": (replace(METHODS["awq"], name="awq-duo", scale_search=replace(METHODS["awq"].scale_search,
+                                                                              duo_scaling=True),
+                        summary="AWQ with AutoAWQ's duo scaling"), {}),
     "tlq-act-order": (METHODS["tlq"], {"act_order": True}),
     "gptq-act-order": (METHODS["gptq"], {"act_order": True}),
     # GPTQ after AWQ's input scaling (uniform weights, quantized inputs): how much of TLQ's gain is the scaling?
     "gptq-awq": (replace(METHODS["gptq"], name="gptq-awq", input_scaling="awq",
                          summary="GPTQ after AWQ input scaling"), {}),
-    # TLQ's damping for the GPTQ baseline: how much of TLQ's gain is only the damping?
-    "gptq-damp-0.1": (METHODS["gptq"], {"damp": 0.1}),
+}
+# Baselines at TLQ's damping (issue 15, "equal footing"): rows beside the ablations, so the table
+# separates regularisation from importance. Damping is a GPTQ setting: AWQ, MBQ and SmoothQuant
+# round with RTN and have none, so their counterpart is AWQ's scaling followed by GPTQ at TLQ's damp.
+EQUAL_FOOTING: dict[str, tuple[MethodSpec, dict]] = {
+    "gptq-damp-0.1": (METHODS["gptq"], {"damp": METHODS["tlq"].damp}),
+    "gptq-awq-damp-0.1": (VARIANTS["gptq-awq"][0], {"damp": METHODS["tlq"].damp}),
 }
 LABELS = {"fp": "FP (float)", "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant", "mbq": "MBQ",
           "tlq": "TLQ (ours)", "tlq-uniform": "  - uniform token weights", "tlq-modality": "  - modality weights only",
           "tlq-fp-exposure": "  - no quantization exposure", "tlq-no-scaling": "  - no input scaling",
-          "gptq-damp-0.1": "GPTQ, damp 0.1 (TLQ's)", "gptq-awq": "AWQ scaling + GPTQ"}
+          "gptq-damp-0.1": "GPTQ, damp 0.1 (TLQ's)", "gptq-awq": "AWQ scaling + GPTQ",
+          "gptq-awq-damp-0.1": "AWQ scaling + GPTQ, damp 0.1"}
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -93,7 +110,14 @@ def method_config(name: str) -> tuple[MethodSpec, dict]:
     """(method, CalibConfig overrides) of a row: a registered method, an ablation or a variant."""
     if name in VARIANTS:
         return VARIANTS[name]
+    if name in EQUAL_FOOTING:
+        return EQUAL_FOOTING[name]
     return (ABLATIONS[name] if name in ABLATIONS else METHODS[name]), {}
+
+
+def extra_rows() -> list[str]:
+    """Rows run beside the methods on the ablation settings: TLQ's ablations and the baselines at TLQ's damping."""
+    return list(ABLATIONS) + list(EQUAL_FOOTING)
 
 
 def methods_for(setting: Setting, methods: list[str]) -> list[str]:

@@ -118,9 +118,9 @@ def test_variants_differ_from_their_method_and_build_valid_configs(tmp_path):
     from tlq.calib.config import CalibConfig, ImportanceConfig
     from tlq.schemes import get_scheme
     assert grid.method_config("tlq") == (grid.method_spec("tlq"), {})
-    for name, (spec, overrides) in grid.VARIANTS.items():
+    for name, (spec, overrides) in {**grid.VARIANTS, **grid.EQUAL_FOOTING}.items():
         base = grid.method_spec(name.split("-")[0])
-        axes = [f for f in ("importance", "input_scaling", "clip_search", "solver", "exposure")
+        axes = [f for f in ("importance", "input_scaling", "scale_search", "clip_search", "solver", "exposure")
                 if getattr(spec, f) != getattr(base, f)]
         assert axes or overrides, name
         overrides = dict(overrides)
