@@ -20,15 +20,15 @@ def test_a_server_that_dies_under_a_caller_is_reported(qwen2_vl_dir, monkeypatch
     monkeypatch.setattr("serve.process.vllm_command",
                         lambda cfg: [sys.executable, "-c", ENGINE_SERVER, str(port), "die-on-chat"])
     lines: list[str] = []
-    with pytest.raises(urllib.error.HTTPError) if caller_fails else contextlib.nullcontext():
-        with open_target(str(qwen2_vl_dir), port, echo=lines.append) as endpoint:
-            server = endpoint.server
-            try:
-                urllib.request.urlopen(urllib.request.Request(endpoint.base + "/chat/completions", data=b"{}"),
-                                       timeout=30)
-            except urllib.error.HTTPError:
-                if caller_fails:
-                    raise
+    expected = pytest.raises(urllib.error.HTTPError) if caller_fails else contextlib.nullcontext()
+    with expected, open_target(str(qwen2_vl_dir), port, echo=lines.append) as endpoint:
+        server = endpoint.server
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint.base + "/chat/completions", data=b"{}"),
+                                   timeout=30)
+        except urllib.error.HTTPError:
+            if caller_fails:
+                raise
     (said,) = [ln for ln in lines if "vLLM server died" in ln]
     assert said.strip().startswith("the vLLM server died: EngineCore_DP0 (pid ") and "killed by SIGILL" in said
     assert said.endswith(f"log: {server.log_path}") and server.log_path.exists()
