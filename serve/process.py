@@ -207,9 +207,12 @@ class ServerProcess:
             if EXIT_MARK in text or time.monotonic() > deadline or not self.dead_processes():
                 break
             time.sleep(0.1)
-        reason = crash_reason(text, self.dead_processes())
+        dead = self.dead_processes()
         rc = self.proc.poll() if self.proc else None
-        server = "" if rc is None else f"; API server {describe_status(rc)}"
+        if rc is not None and rc < 0 and not dead and EXIT_MARK not in text and "Fatal Python error" not in text:
+            return f"the API server (pid {self.proc.pid}) was killed by {describe_status(rc)}; log: {self.log_path}"
+        reason = crash_reason(text, dead)
+        server = "" if rc is None else f"; API server {'killed by ' if rc < 0 else ''}{describe_status(rc)}"
         return f"{reason}{server}; log: {self.log_path}"
 
     def status_line(self) -> str:

@@ -3,7 +3,8 @@
 1. SIGKILL to vLLM's worker process while 8 clients send requests: the clients get errors (none
    hangs), `tlq serve` exits non-zero within seconds with one line naming the worker and SIGKILL,
    no process of the server is left, the port is free, the log is kept, and a new `tlq serve` on
-   the same port starts and answers.
+   the same port starts and answers (with --cpu-int4 fast: the start-up line and the plugin's
+   kernel summary of both servers must agree with the flag).
 2. SIGTERM to `tlq serve` while clients send requests: it stops gracefully (exit 0) within 30 s,
    nothing is left, the port is free.
 
@@ -81,10 +82,10 @@ class Serve:
                 p.kill()
 
 
-def start_serve(ckpt: Path, port: int, work: Path, name: str) -> Serve:
+def start_serve(ckpt: Path, port: int, work: Path, name: str, *args: str) -> Serve:
     out = work / f"{name}.out"
     cmd = [sys.executable, "-m", "tlq", "serve", str(ckpt), "--port", str(port), "--max-model-len", "512",
-           "--run-dir", str(work / name)]
+           "--run-dir", str(work / name), *args]
     with open(out, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -205,12 +206,30 @@ def test_sigkill_to_the_worker_under_load(ckpt, servers, tmp_path_factory):
     assert first.leftovers() == []
     assert not port_in_use("127.0.0.1", port)
 
-    servers["second"] = start_serve(ckpt, port, work, "second")  # the same port, at once
+    # the same port, at once; with --cpu-int4 fast, so the flag's way to the plugin is checked too
+    second = servers["second"] = start_serve(ckpt, port, work, "second", "--cpu-int4", "fast")
     check = Load(port, "tiny-rtn")
     try:
         check.wait_for(ok=2)
     finally:
         check.finish()
+    _check_numerics(first, fast=False)
+    _check_numerics(second, fast=True)
+
+
+def _check_numerics(server: Serve, fast: bool) -> None:
+    """The start-up line of `tlq serve` and the plugin's kernel summary agree with --cpu-int4."""
+    from serve.config import cpu_flags
+    amx = {"amx_tile", "amx_int8"} <= cpu_flags()
+    printed = next(ln for ln in server.out.read_text().splitlines() if ln.startswith("numerics: "))
+    summary = next(ln for ln in (server.run_dir / "server.log").read_text().splitlines() if "tlq: serving " in ln)
+    print(f"{printed}\n{summary[summary.index('tlq: serving'):]}")
+    if not fast:
+        assert printed.startswith("numerics: exact W4A16") and "int4 x int8" not in summary
+    elif amx:
+        assert printed.startswith("numerics: fast int4 x int8") and "W4A8 int4 x int8" in summary
+    else:
+        assert printed.startswith("numerics: --cpu-int4 fast requested, but") and "W4A8" not in summary
 
 
 def test_sigterm_to_tlq_serve_under_load_stops_gracefully(ckpt, servers, tmp_path_factory):

@@ -183,3 +183,30 @@ def test_run_folder_is_removed_only_after_a_clean_run(qwen2_vl_dir, monkeypatch,
     finally:
         server.stop(grace=5.0)
     assert server.log_path.exists() == engine_dies
+
+
+def test_api_server_killed_is_named(qwen2_vl_dir, tmp_path):
+    """The OOM killer takes the API server itself: tlq serve says so in its one line and exits non-zero."""
+    import psutil
+
+    from serve.process import port_in_use
+    port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    with open(out, "wb") as f, open(err, "wb") as e:
+        runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(qwen2_vl_dir), str(port), ENGINE_SERVER,
+                                   str(tmp_path / "run")], stdout=f, stderr=e, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "TLQ server ready" not in out.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, out.read_text() + err.read_text()
+            time.sleep(0.2)
+        (server,) = psutil.Process(runner.pid).children()
+        server.kill()
+        assert runner.wait(30) == 1
+        (line,) = [ln for ln in err.read_text().splitlines() if ln.startswith("tlq serve:")]
+        assert line.startswith(f"tlq serve: the vLLM server died: the API server (pid {server.pid}) was killed by "
+                               "SIGKILL; log: "), line
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
