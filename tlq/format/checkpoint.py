@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tlq import __version__
-from tlq.atomic import write_json_atomic
+from tlq.atomic import disk_full_guard, write_json_atomic
 from tlq.errors import CheckpointError, TLQError
 from tlq.format.packing import pack, packed_length, unpack
 from tlq.format.quant_config import FORMAT_VERSION, QUANT_METHOD, QuantizationConfig
@@ -172,27 +172,40 @@ def write_checkpoint(out_dir: Path, source_dir: Path, content: CheckpointContent
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_temp_folder(out_dir)
     try:
-        copy_model_files(source_dir, tmp)
-        shards = shard_tensors(content.tensors)
-        files = {}
-        if len(shards) == 1:
-            save_file(shards[0], tmp / WEIGHTS, metadata={"format": "pt"})
-            files[WEIGHTS] = sha256_file(tmp / WEIGHTS)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                files[name] = sha256_file(tmp / name)
-                weight_map.update({t: name for t in shard})
-            write_json_atomic(tmp / INDEX, {"metadata": {}, "weight_map": weight_map})
-            files[INDEX] = sha256_file(tmp / INDEX)
-        finish_folder(tmp, files, content.config, content.quantized_layers, content.calibration, content.report)
+        with disk_full_guard(out_dir.parent, lambda: folder_bytes(source_dir) + tensor_bytes(content.tensors)):
+            _fill_checkpoint(tmp, source_dir, content)
         swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _fill_checkpoint(tmp: Path, source_dir: Path, content: CheckpointContent) -> None:
+    copy_model_files(source_dir, tmp)
+    shards = shard_tensors(content.tensors)
+    files = {}
+    if len(shards) == 1:
+        save_file(shards[0], tmp / WEIGHTS, metadata={"format": "pt"})
+        files[WEIGHTS] = sha256_file(tmp / WEIGHTS)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            files[name] = sha256_file(tmp / name)
+            weight_map.update({t: name for t in shard})
+        write_json_atomic(tmp / INDEX, {"metadata": {}, "weight_map": weight_map})
+        files[INDEX] = sha256_file(tmp / INDEX)
+    finish_folder(tmp, files, content.config, content.quantized_layers, content.calibration, content.report)
 
 
 def write_report(folder: Path, report: dict) -> None:
