@@ -107,6 +107,8 @@ def scale_layer_inputs(layer: nn.Module, layer_prefix: str, hidden: list[torch.T
         probe = BlockProbe(layer, block_path, group.names, hidden, kwargs, device) if block_path else None
         s = search_input_scales(Ws, X, cfg.scheme, dtype, w=w, n_grid=cfg.n_grid,
                                 act_quant=not cfg.scheme.weight_only, spec=method.scale_search, block=probe)
+        if bool((s == 1).all()):
+            continue  # the search chose no scaling (alpha = 0)
         if method.scale_search.judge == "solver":
             X_fp = None
             if method.exposure == "corrected" and fp_hidden is not None:
