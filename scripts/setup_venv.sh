@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install TLQ with the CPU serving stack.
-# Usage: bash scripts/setup_venv.sh [VENV_DIR]    (default .venv; TLQ_EXTRAS overrides "cpu,dev")
+# Usage: bash scripts/setup_venv.sh [VENV_DIR]    (default .venv; TLQ_EXTRAS overrides "cpu,dev";
+#        TLQ_EXTRAS=cpu,dev,eval adds lmms-eval, as CI does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}

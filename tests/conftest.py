@@ -43,3 +43,14 @@ def tiny_model_dir(request, fixture_cache):
 def bundled_calib():
     from tlq.data.calib import bundled_calibration_path
     return bundled_calibration_path()
+
+
+@pytest.fixture
+def lmms_eval_installed():
+    """lmms-eval (the `eval` extra) is there; skips without it, fails instead when TLQ_REQUIRE_EVAL=1 (CI)."""
+    from importlib.util import find_spec
+    if find_spec("lmms_eval") is None:
+        if os.environ.get("TLQ_REQUIRE_EVAL") == "1":
+            pytest.fail("lmms-eval is not installed, and TLQ_REQUIRE_EVAL=1 (CI installs the eval extra: "
+                        "TLQ_EXTRAS=cpu,dev,eval)")
+        pytest.skip("lmms-eval is not installed (pip install -e '.[eval]')")

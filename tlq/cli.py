@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "tlq.commands.checkpoint",
     "tlq.commands.export",
     "tlq.commands.serve",
+    "tlq.commands.lmms_task",
 ]
 
 for _name in COMMAND_MODULES:

@@ -6,8 +6,8 @@ One teacher-forced forward per batch gives both:
   * greedy exact match: greedy decoding reproduces the reference iff the argmax at every answer
     position is the reference token. Where it departs first (position k), greedy decoding is
     continued with `generate` from the prompt + the k reference tokens it did produce, so the
-    prediction string is exactly what free greedy decoding outputs; it then matches when it
-    equals the reference after normalisation (case, surrounding space and a final period).
+    prediction string is exactly what free greedy decoding outputs; it is scored with tlq's one
+    exact-match rule (tlq.evaluate.metrics.exact_match, shared with `tlq eval` and the lmms-eval task).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.quality_lib.encoding import TOKEN_KEYS, answer_span, collate, homogeneous_batches
+from tlq.evaluate.metrics import exact_match
 
 
 @dataclass
@@ -57,10 +58,6 @@ def build_eval_set(processor, jsonl: Path, batch_size: int = 16, limit: int | No
     tok = processor.tokenizer
     return EvalSet(items, homogeneous_batches([it.needs_image for it in items], batch_size),
                    tok.pad_token_id, tok.eos_token_id, tok)
-
-
-def normalize(text: str) -> str:
-    return text.strip().lower().rstrip(".").strip()
 
 
 @torch.no_grad()
@@ -105,7 +102,7 @@ def run_eval(model, evalset: EvalSet, reference: list[torch.Tensor] | None = Non
             else:
                 prediction = _greedy_from(model, evalset, item, int(wrong[0]))
             res = {"id": item.id, "type": item.question_type, "needs_image": item.needs_image,
-                   "correct": normalize(prediction) == normalize(item.answer), "prediction": prediction,
+                   "correct": exact_match(prediction, item.answer), "prediction": prediction,
                    "n_tokens": len(item.targets)}
             if reference is not None:
                 ref = reference[i]

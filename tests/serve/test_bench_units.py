@@ -1,19 +1,24 @@
-"""`tlq bench` without a server: workload, statistics, ratios, URL policy, report files."""
+"""`tlq bench` without a server: vLLM's benchmark arguments, level statistics, ratios, URL policy, report files."""
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
 import json
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
 
 from serve.client import api_base
-from tlq.bench.loadgen import RequestResult, run_level
 from tlq.bench.stats import compare_levels, percentile, summarize
-from tlq.bench.workload import BenchConfig, build_requests, synthetic_image
+from tlq.bench.workload import BenchConfig, vllm_argv
 from tlq.errors import TLQError
+
+
+def _round(ttfts, latencies, output_lens, errors=None, duration=2.0, itl=0.1):
+    """A vLLM detailed result (the fields of `vllm bench serve --save-detailed` that tlq reads)."""
+    n = len(ttfts)
+    return {"duration": duration, "ttfts": ttfts, "latencies": latencies, "output_lens": output_lens,
+            "input_lens": [20] * n, "itls": [[itl] * max(k - 1, 0) for k in output_lens],
+            "errors": errors or [""] * n}
 
 
 def test_percentile_matches_numpy():
@@ -24,17 +29,31 @@ def test_percentile_matches_numpy():
     assert percentile([], 50) is None
 
 
-def test_summarize_counts_errors_and_tokens():
-    ok = [RequestResult("text", ok=True, ttft=0.1 * i, e2e=0.1 * i + 0.9, itl=[0.1] * 9, output_tokens=10,
-                        prompt_tokens=20) for i in range(1, 5)]
-    bad = [RequestResult("image224", error="BadRequestError 400")]
-    s = summarize(ok + bad, wall_s=2.0, concurrency=4)
-    assert (s["sent"], s["completed"], s["errors"]) == (5, 4, 1)
-    assert s["error_kinds"] == {"BadRequestError 400": 1}
-    assert s["output_tok_per_s"] == pytest.approx(20.0) and s["request_per_s"] == pytest.approx(2.0)
-    assert s["tpot_ms"]["p50"] == pytest.approx(100.0)  # 0.9 s over 9 later tokens
+def test_summarize_pools_rounds_counts_errors_and_tokens():
+    ok = _round([0.1, 0.2], [1.0, 1.1], [10, 10], duration=2.0)
+    mixed = _round([0.3, 0.0, 0.4], [1.2, 0.0, 1.3], [10, 0, 10], duration=2.0,
+                   errors=["", "Traceback...\naiohttp.ClientResponseError: 400, Bad Request", ""])
+    s = summarize([ok, mixed], concurrency=4, image_requests=2)
+    assert (s["rounds"], s["sent"], s["completed"], s["errors"], s["image_requests"]) == (2, 5, 4, 1, 2)
+    assert s["error_kinds"] == {"aiohttp.ClientResponseError: 400, Bad Request": 1}
+    assert s["output_tok_per_s"] == pytest.approx(40 / 4.0) and s["request_per_s"] == pytest.approx(1.0)
+    assert s["ttft_ms"]["p50"] == pytest.approx(250.0) and s["e2e_ms"]["p50"] == pytest.approx(1150.0)
+    assert s["tpot_ms"]["p50"] == pytest.approx(100.0)  # (1.1 - 0.2) s over 9 later tokens, and alike
     assert s["itl_ms"]["p99"] == pytest.approx(100.0)
-    assert s["ttft_ms"]["p50"] == pytest.approx(250.0)
+
+
+def test_one_round_summary_equals_vllms_own_percentiles():
+    """For one round the level numbers are vLLM's (np.percentile, TPOT over requests with > 1 token)."""
+    rs = np.random.RandomState(1)
+    ttfts = list(rs.rand(50) * 0.2)
+    outs = list(rs.randint(1, 30, 50))
+    lat = [t + 0.01 * k for t, k in zip(ttfts, outs)]
+    s = summarize([_round(ttfts, lat, outs)], 8)
+    tpots = [(lt - t) / (k - 1) for t, lt, k in zip(ttfts, lat, outs) if k > 1]
+    for q in (50, 90, 99):
+        assert s["ttft_ms"][f"p{q}"] == pytest.approx(np.percentile(ttfts, q) * 1000, abs=1e-3)
+        assert s["tpot_ms"][f"p{q}"] == pytest.approx(np.percentile(tpots, q) * 1000, abs=1e-3)
+        assert s["e2e_ms"][f"p{q}"] == pytest.approx(np.percentile(lat, q) * 1000, abs=1e-3)
 
 
 def test_compare_levels_ratios():
@@ -47,28 +66,34 @@ def test_compare_levels_ratios():
     assert row["output_tok_per_s"] == 2.0 and row["ttft_p50"] == 0.5 and row["tpot_p50"] is None
 
 
-def test_workload_is_seeded_mixed_and_never_repeats_images():
-    cfg = BenchConfig(image_fraction=0.5, image_sizes=[64, 96], prompt_words=5, seed=3)
-    a, b = build_requests(cfg, 40, offset=1000), build_requests(cfg, 40, offset=1000)
-    assert a == b
-    kinds = [r.kind for r in a]
-    assert {"text", "image64", "image96"} <= set(kinds)
-    urls = [r.content[0]["image_url"]["url"] for r in a if r.kind != "text"]
-    assert len(set(urls)) == len(urls)
-    from PIL import Image
-    img = Image.open(io.BytesIO(base64.b64decode(urls[0].split(",", 1)[1])))
-    assert img.size == (64, 64)
-    other = build_requests(cfg, 40, offset=2000)
-    assert [r.content for r in other] != [r.content for r in a]
-    assert all(r.kind == "text" for r in build_requests(BenchConfig(image_fraction=0.0), 10))
-    assert synthetic_image(32, 1).tobytes() == synthetic_image(32, 1).tobytes()
-
-
-@pytest.mark.parametrize("bad", [{"concurrency": [0]}, {"requests": 0}, {"image_fraction": 1.5},
-                                 {"image_sizes": [8]}])
+@pytest.mark.parametrize("bad", [{"concurrency": [0]}, {"requests": 0}, {"image_fraction": 0.3},
+                                 {"image_sizes": [8]}, {"min_seconds": -1}])
 def test_bench_config_validation(bad):
     with pytest.raises(TLQError):
         BenchConfig(**bad).validate()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(find_spec("vllm") is None, reason="vllm is not installed")
+@pytest.mark.parametrize(("fraction", "base", "ratio"), [(0.0, 0, 0.0), (0.5, 1, 1.0), (1.0, 1, 0.0)])
+def test_vllm_parses_the_arguments(fraction, base, ratio):
+    """vLLM's own `bench serve` parser takes what tlq passes, with the meaning tlq intends."""
+    import vllm.benchmarks.serve as vbs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    parser = FlexibleArgumentParser()
+    vbs.add_cli_args(parser)
+    cfg = BenchConfig(requests=7, max_tokens=5, input_tokens=9, image_sizes=[64, 96], image_fraction=fraction)
+    a = parser.parse_args(vllm_argv(cfg, "http://127.0.0.1:9", "served", "/models/m", 3, seed=11, warmup=2,
+                                    result_dir="/tmp/r", result_file="c3-r0.json"))
+    assert (a.dataset_name, a.backend, a.endpoint, a.base_url) == ("random-mm", "openai-chat",
+                                                                  "/v1/chat/completions", "http://127.0.0.1:9")
+    assert (a.num_prompts, a.max_concurrency, a.random_input_len, a.random_output_len) == (7, 3, 9, 5)
+    assert (a.random_mm_base_items_per_request, a.random_mm_num_mm_items_range_ratio) == (base, ratio)
+    assert a.random_mm_limit_mm_per_prompt == {"image": 1, "video": 0}
+    assert a.random_mm_bucket_config == {(64, 64, 1): 0.5, (96, 96, 1): 0.5}
+    assert (a.model, a.served_model_name, a.tokenizer) == ("/models/m", "served", "/models/m")
+    assert a.ignore_eos and a.temperature == 0.0 and a.seed == 11 and a.num_warmups == 2
+    assert a.save_result and a.save_detailed and (a.result_dir, a.result_filename) == ("/tmp/r", "c3-r0.json")
 
 
 def test_only_local_urls():
@@ -79,60 +104,11 @@ def test_only_local_urls():
             api_base(url)
 
 
-class _FakeCompletions:
-    """Streams `n` chunks per request; records the peak number of requests in flight."""
-
-    def __init__(self):
-        self.in_flight = self.peak = self.calls = 0
-
-    async def create(self, **kw):
-        self.calls += 1
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        if kw["messages"][0]["content"] == "fail":
-            self.in_flight -= 1
-            raise RuntimeError("boom")
-        return self._stream(kw["max_tokens"])
-
-    async def _stream(self, n):
-        from types import SimpleNamespace as NS
-        for i in range(n):
-            await asyncio.sleep(0.001)
-            yield NS(choices=[NS()], usage=None)
-        self.in_flight -= 1
-        yield NS(choices=[], usage=NS(completion_tokens=n, prompt_tokens=7))
-
-
-def test_run_level_bounds_concurrency_and_counts_errors():
-    from types import SimpleNamespace as NS
-
-    from tlq.bench.workload import BenchRequest
-    fake = _FakeCompletions()
-    client = NS(chat=NS(completions=fake))
-    reqs = [BenchRequest("text", "fail" if i % 5 == 0 else f"q{i}") for i in range(20)]
-    cfg = BenchConfig(max_tokens=4)
-    results, wall = asyncio.run(run_level(client, "m", reqs, 3, cfg))
-    assert len(results) == 20 and fake.peak == 3
-    s = summarize(results, wall, 3)
-    assert s["errors"] == 4 and s["error_kinds"] == {"RuntimeError": 4}
-    assert s["output_tokens"] == 16 * 4 and all(len(r.itl) == 3 for r in results if r.ok)
-
-
-def test_run_level_stops_at_the_time_budget():
-    from types import SimpleNamespace as NS
-
-    from tlq.bench.workload import BenchRequest
-    fake = _FakeCompletions()
-    cfg = BenchConfig(max_tokens=50, max_seconds=0.05)
-    results, _ = asyncio.run(run_level(NS(chat=NS(completions=fake)), "m",
-                                       [BenchRequest("text", "x")] * 100, 1, cfg))
-    assert 1 <= len(results) < 100
-
-
 def test_report_files(tmp_path):
-    from tlq.bench.report import plot, write_json
-    level = summarize([RequestResult("text", ok=True, ttft=0.1, e2e=0.5, itl=[0.1] * 4, output_tokens=5)], 1.0, 1)
+    from tlq.bench.report import plot, print_levels, write_json
+    level = {**summarize([_round([0.1], [0.5], [5])], 1, 1), "server_rss_mib": 512.0}
     run = {"levels": [level, {**level, "concurrency": 4}]}
+    print_levels(run, "t")
     write_json(tmp_path / "r.json", {"runs": {"a": run}})
     assert json.loads((tmp_path / "r.json").read_text())["runs"]["a"]["levels"][0]["completed"] == 1
     pytest.importorskip("matplotlib")

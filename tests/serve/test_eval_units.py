@@ -13,9 +13,21 @@ from tlq.evaluate.metrics import aggregate, exact_match, mean_kl, normalize_answ
 
 
 def test_exact_match_normalisation():
-    assert normalize_answer("  The circle is BLUE. ") == "circle is blue"
+    assert normalize_answer("  Top   RIGHT. ") == "top right"
     assert exact_match("the circle is blue", "The circle is blue.")
     assert not exact_match("The circle is red.", "The circle is blue.")
+    # articles stay: the glyph answer "A" is not the empty string, so an empty or "the" reply is wrong
+    assert normalize_answer("A") == "a" and not exact_match("", "A") and not exact_match("the", "A")
+    assert not exact_match("top-right", "top right") and exact_match("K.", "k")
+
+
+def test_quality_benchmark_scores_with_the_same_rule():
+    """benchmarks/quality_lib/evaluate.py has no scorer of its own (issue 15, item 7)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.quality_lib import evaluate as quality_eval
+    assert quality_eval.exact_match is exact_match and not hasattr(quality_eval, "normalize")
 
 
 def _logp(probs):

@@ -1,10 +1,16 @@
 """`tlq bench`: load-test a local OpenAI endpoint (or a checkpoint served for the run).
 
-    workload (seeded text + image requests) -> loadgen (asyncio, openai client, concurrency sweep)
-    -> stats (TTFT / TPOT / ITL percentiles, throughput, errors) -> report (table, JSON, PNG)
+    workload (vLLM's random-mm requests: text, or text + one image) -> loadgen (vLLM's serving
+    benchmark, `vllm bench serve`, once per concurrency level and round) -> stats (TTFT / TPOT / ITL /
+    E2E percentiles, throughput, errors over a level's rounds) -> report (table, JSON, PNG)
+
+Output folder: bench.json (our summary), bench.png (throughput and p50/p99 latency against
+concurrency), vllm/<target>/c<concurrency>-r<round>.json (vLLM's result JSON, per request detailed)
+and vllm/<target>/vllm-bench.log (vLLM's printed reports).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +42,8 @@ def label(target: str) -> str:
     return target if "://" in target else Path(target).resolve().name
 
 
-def bench(targets: BenchTargets, cfg: BenchConfig, out: Path | None = None, plot_path: Path | None = None,
-          echo=print) -> dict:
-    """Run the sweep on `target` (and `compare`), print tables, write JSON / PNG; returns the results."""
+def bench(targets: BenchTargets, cfg: BenchConfig, out: Path | None = None, echo=print) -> dict:
+    """Run the sweep on `target` (and `compare`), print tables; with `out`, write the folder described above."""
     from serve.client import open_target
     from tlq.bench.loadgen import run_bench
     from tlq.bench.report import plot, print_levels, print_ratios, write_json
@@ -52,9 +57,10 @@ def bench(targets: BenchTargets, cfg: BenchConfig, out: Path | None = None, plot
             name = f"{name}#{i + 1}"
         with open_target(tgt, targets.port + i, targets.api_key, targets.model if i == 0 else None,
                          targets.serve_overrides, echo=echo) as endpoint:
-            echo(f"bench {name}: concurrency {cfg.concurrency}, {cfg.requests} requests per level, "
-                 f"{cfg.max_tokens} output tokens, {cfg.image_fraction:.0%} with an image")
-            runs[name] = run_bench(endpoint, cfg, echo=echo)
+            echo(f"bench {name} (vllm bench serve): concurrency {cfg.concurrency}, {cfg.requests} requests "
+                 f"per round, {cfg.max_tokens} output tokens, {cfg.image_fraction:.0%} with an image")
+            vllm_dir = None if out is None else Path(out) / "vllm" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+            runs[name] = run_bench(endpoint, cfg, echo=echo, result_dir=vllm_dir)
         print_levels(runs[name], f"tlq bench: {name}")
     result = {"runs": runs}
     names = list(runs)
@@ -63,10 +69,9 @@ def bench(targets: BenchTargets, cfg: BenchConfig, out: Path | None = None, plot
                             "levels": compare_levels(runs[names[0]]["levels"], runs[names[1]]["levels"])}
         print_ratios(result["ratios"]["levels"], names[0], names[1])
     if out is not None:
-        write_json(out, result)
-        echo(f"results written to {out}")
-    if plot_path is not None and plot(runs, plot_path):
-        echo(f"plot written to {plot_path}")
+        write_json(Path(out) / "bench.json", result)
+        drawn = plot(runs, Path(out) / "bench.png")
+        echo(f"results in {out}: bench.json{', bench.png' if drawn else ''}, vllm/ (vLLM's result JSON)")
     return result
 
 

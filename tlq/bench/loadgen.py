@@ -1,120 +1,157 @@
-"""Asyncio load generator on the `openai` client: streaming chat requests at a fixed concurrency.
+"""Run vLLM's own serving benchmark (`vllm bench serve`, module vllm.benchmarks.serve) per level.
 
-Per request it records the time to the first streamed token (TTFT), every gap between
-streamed chunks (inter-token latency, ITL), the end-to-end latency and the output token
-count from the final usage chunk. Each level is bounded twice: by a request count and by a
-wall-clock budget after which no new request starts (requests in flight finish or time out).
+vLLM generates the requests (random-mm dataset), sends them at a fixed --max-concurrency,
+times every token, and writes its result JSON (one file per round, detailed). `vllm bench serve`
+runs one configuration per call; what tlq adds is what a load test across levels needs:
+  * the concurrency sweep, and rounds that keep a level running for at least `min_seconds`;
+  * the count of image requests (vLLM does not report which requests carried an image);
+  * the server's resident memory (the listening process and its children) after the first
+    level's warm-up and after every level;
+  * the level summary over all rounds (stats.py), and (report.py) the table, the ratios of two
+    targets and the PNG chart across levels.
+vLLM's printed report of each round goes to <result_dir>/vllm-bench.log.
 """
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import dataclasses
+import json
 import time
-from dataclasses import dataclass, field
+import urllib.request
+from pathlib import Path
 
 from serve.client import Endpoint
 from tlq.bench.stats import summarize
-from tlq.bench.workload import BenchConfig, BenchRequest, build_requests
+from tlq.bench.workload import BenchConfig, vllm_argv
+from tlq.errors import TLQError
 
-LEVEL_OFFSET = 1000  # seed offset between levels: no prompt or image repeats across levels
-
-
-@dataclass
-class RequestResult:
-    """What one request measured; times in seconds. `error` is None for a success."""
-
-    kind: str
-    ok: bool = False
-    ttft: float | None = None
-    e2e: float | None = None
-    itl: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    prompt_tokens: int = 0
-    error: str | None = None
+LEVEL_SEED_STEP = 1000  # round r of level i uses seed + 1000 * i + r: no two rounds repeat a request
 
 
-def _error_name(exc: BaseException) -> str:
-    status = getattr(exc, "status_code", None)
-    return f"{type(exc).__name__}{f' {status}' if status else ''}"
+def model_root(endpoint: Endpoint) -> str:
+    """The folder the server loaded `endpoint.model` from (its /v1/models `root`): vLLM's tokenizer."""
+    req = urllib.request.Request(endpoint.base + "/models")
+    if endpoint.api_key:
+        req.add_header("Authorization", f"Bearer {endpoint.api_key}")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        entries = json.load(r)["data"]
+    root = next((m.get("root") for m in entries if m["id"] == endpoint.model), None)
+    if not root or not Path(root).is_dir():
+        raise TLQError(f"{endpoint.base} does not name a local folder for {endpoint.model!r} (root {root!r}); "
+                       "vLLM's benchmark needs the model's tokenizer on this machine")
+    return root
 
 
-async def one_request(client, model: str, req: BenchRequest, cfg: BenchConfig) -> RequestResult:
-    res = RequestResult(req.kind)
-    t0 = time.perf_counter()
-
-    async def stream_it():
-        last = None
-        stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": req.content}], max_tokens=cfg.max_tokens,
-            temperature=0.0, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True})
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.choices:
-                # vLLM sends the role together with the first token: the first chunk is the first token
-                if last is None:
-                    res.ttft = now - t0
-                else:
-                    res.itl.append(now - last)
-                last = now
-            if chunk.usage is not None:
-                res.output_tokens = chunk.usage.completion_tokens
-                res.prompt_tokens = chunk.usage.prompt_tokens
-
+def server_rss_mib(port: int) -> float | None:
+    """Resident memory (MiB) of the process listening on 127.0.0.1:`port` plus its children; None if not found."""
+    import psutil
+    pid = next((c.pid for c in psutil.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid), None)
+    if pid is None:
+        return None
     try:
-        await asyncio.wait_for(stream_it(), cfg.request_timeout)
-        res.e2e = time.perf_counter() - t0
-        res.ok = res.ttft is not None and res.output_tokens > 0
-        if not res.ok:
-            res.error = "EmptyResponse"
-    except asyncio.TimeoutError:
-        res.error = "Timeout"
-    except Exception as exc:  # noqa: BLE001 - every failure is counted, not raised
-        res.error = _error_name(exc)
-    return res
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.memory_info().rss
+    return round(total / 2**20, 1)
 
 
-async def run_level(client, model: str, requests: list[BenchRequest], concurrency: int,
-                    cfg: BenchConfig) -> tuple[list[RequestResult], float]:
-    """Send `requests` with `concurrency` in flight; returns the results and the level's wall time."""
-    queue = list(reversed(requests))
-    results: list[RequestResult] = []
-    t0 = time.perf_counter()
-    deadline = t0 + cfg.max_seconds
+@contextlib.contextmanager
+def _counting_image_requests(counts: list[int]):
+    """Count, per vLLM run, the sampled requests that carry multimodal data (vLLM keeps no such count)."""
+    import vllm.benchmarks.serve as vbs
+    original = vbs.get_samples
 
-    async def worker():
-        while queue and time.perf_counter() < deadline:
-            results.append(await one_request(client, model, queue.pop(), cfg))
+    def counting(args, tokenizer):
+        samples = original(args, tokenizer)
+        counts.append(sum(1 for s in samples if s.multi_modal_data))
+        return samples
 
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
-    return results, time.perf_counter() - t0
-
-
-async def _sweep(endpoint: Endpoint, cfg: BenchConfig, echo) -> list[dict]:
-    client = endpoint.client(timeout=cfg.request_timeout, asynchronous=True)
+    vbs.get_samples = counting
     try:
-        if cfg.warmup:
-            warm = await asyncio.gather(*(one_request(client, endpoint.model, r, cfg)
-                                          for r in build_requests(cfg, cfg.warmup, offset=0)))
-            failed = [w.error for w in warm if not w.ok]
-            if len(failed) == len(warm):
-                echo(f"  warm-up: every request failed ({', '.join(failed)})")
-        levels = []
-        for i, conc in enumerate(cfg.concurrency):
-            requests = build_requests(cfg, cfg.requests, offset=LEVEL_OFFSET * (i + 1))
-            results, wall = await run_level(client, endpoint.model, requests, conc, cfg)
-            level = summarize(results, wall, conc)
-            echo(f"  concurrency {conc:>3}: {level['completed']}/{len(requests)} ok, {level['errors']} errors, "
-                 f"{level['output_tok_per_s']:.1f} tok/s, TTFT p50 {level['ttft_ms']['p50']:.0f} ms, "
-                 f"TPOT p50 {level['tpot_ms']['p50']:.1f} ms ({wall:.1f} s)")
-            levels.append(level)
-        return levels
+        yield
     finally:
-        await client.close()
+        vbs.get_samples = original
 
 
-def run_bench(endpoint: Endpoint, cfg: BenchConfig, echo=print) -> dict:
-    """Warm up, then the concurrency sweep; returns {"model", "config", "levels": [...]}."""
-    import dataclasses
+def run_round(argv: list[str], log) -> tuple[dict, int]:
+    """One `vllm bench serve` call in this process; its detailed result dict and image-request count."""
+    import vllm.benchmarks.serve as vbs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    parser = FlexibleArgumentParser(description="vllm bench serve")
+    vbs.add_cli_args(parser)
+    args = parser.parse_args(argv)
+    counts: list[int] = []
+    with _counting_image_requests(counts), contextlib.redirect_stdout(log):
+        result = vbs.main(args)
+    return result, counts[0] if counts else 0
+
+
+def run_bench(endpoint: Endpoint, cfg: BenchConfig, echo=print, result_dir: Path | None = None) -> dict:
+    """The concurrency sweep; returns {"model", "url", "config", "levels": [...], "vllm_results": [...]}.
+
+    vLLM's result JSONs go to `result_dir` (a temporary folder, removed afterwards, when None).
+    """
+    import tempfile
     cfg.validate()
-    levels = asyncio.run(_sweep(endpoint, cfg, echo))
-    return {"model": endpoint.model, "url": endpoint.base, "config": dataclasses.asdict(cfg), "levels": levels}
+    base_url = endpoint.base.removesuffix("/v1")
+    port = int(base_url.rsplit(":", 1)[1])
+    tokenizer = model_root(endpoint)
+    keep = result_dir is not None
+    with contextlib.ExitStack() as stack:
+        if result_dir is None:
+            result_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tlq-bench-")))
+        result_dir = Path(result_dir)
+        result_dir.mkdir(parents=True, exist_ok=True)
+        log = stack.enter_context(open(result_dir / "vllm-bench.log", "a"))
+        if endpoint.api_key:
+            stack.enter_context(_api_key_env(endpoint.api_key))
+        levels, files, rss_warm = [], [], None
+        for i, conc in enumerate(cfg.concurrency):
+            rounds, images, t0 = [], 0, time.monotonic()
+            while not rounds or time.monotonic() - t0 < cfg.min_seconds:
+                name = f"c{conc}-r{len(rounds)}.json"
+                argv = vllm_argv(cfg, base_url, endpoint.model, tokenizer, conc,
+                                 seed=cfg.seed + LEVEL_SEED_STEP * i + len(rounds),
+                                 warmup=cfg.warmup if not rounds else 0, result_dir=str(result_dir),
+                                 result_file=name)
+                result, n_images = run_round(argv, log)
+                if rss_warm is None:  # after the first round: warm-up and first requests have run
+                    rss_warm = server_rss_mib(port)
+                rounds.append(result)
+                images += n_images
+                files.append(str(result_dir / name))
+            level = summarize(rounds, conc, images)
+            level["server_rss_mib"] = server_rss_mib(port)
+            echo(f"  concurrency {conc:>3}: {level['completed']}/{level['sent']} ok ({images} with an image), "
+                 f"{level['errors']} errors, {level['output_tok_per_s']:.1f} tok/s, "
+                 f"e2e p50/p99 {_ms(level['e2e_ms']['p50'])}/{_ms(level['e2e_ms']['p99'])} ms, "
+                 f"TTFT p50 {_ms(level['ttft_ms']['p50'])} ms ({level['wall_s']:.1f} s, {len(rounds)} round(s))")
+            levels.append(level)
+    return {"model": endpoint.model, "url": endpoint.base, "config": dataclasses.asdict(cfg), "levels": levels,
+            "server_rss_after_warmup_mib": rss_warm,
+            "vllm_results": files if keep else []}
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+@contextlib.contextmanager
+def _api_key_env(key: str):
+    """vLLM's request functions read the bearer token from OPENAI_API_KEY."""
+    import os
+    old = os.environ.get("OPENAI_API_KEY")
+    os.environ["OPENAI_API_KEY"] = key
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = old

@@ -20,14 +20,14 @@ def print_levels(result: dict, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("conc", "ok/sent", "err", "req/s", "out tok/s", "TTFT ms p50/p90/p99",
-                "TPOT ms p50/p90/p99", "ITL ms p50/p90/p99"):
+    for col in ("conc", "ok/sent", "img", "err", "req/s", "out tok/s", "latency ms p50/p90/p99",
+                "TTFT ms p50/p90/p99", "TPOT ms p50/p90/p99", "ITL ms p50/p90/p99", "server RSS MiB"):
         table.add_column(col, justify="right")
     for lv in result["levels"]:
-        t, p, i = lv["ttft_ms"], lv["tpot_ms"], lv["itl_ms"]
-        table.add_row(str(lv["concurrency"]), f"{lv['completed']}/{lv['sent']}", str(lv["errors"]),
-                      _fmt(lv["request_per_s"], ".2f"), _fmt(lv["output_tok_per_s"]),
-                      _pcts(t, ".0f"), _pcts(p), _pcts(i))
+        table.add_row(str(lv["concurrency"]), f"{lv['completed']}/{lv['sent']}", str(lv["image_requests"]),
+                      str(lv["errors"]), _fmt(lv["request_per_s"], ".2f"), _fmt(lv["output_tok_per_s"]),
+                      _pcts(lv["e2e_ms"], ".0f"), _pcts(lv["ttft_ms"], ".0f"), _pcts(lv["tpot_ms"]),
+                      _pcts(lv["itl_ms"]), _fmt(lv.get("server_rss_mib"), ".0f"))
     console().print(table)
 
 
@@ -55,7 +55,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def plot(runs: dict[str, dict], path: Path) -> bool:
-    """Throughput and latency percentiles against concurrency, one line per run; False when skipped."""
+    """Throughput and p50/p99 latencies against concurrency, one line per run; False when skipped."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -64,8 +64,8 @@ def plot(runs: dict[str, dict], path: Path) -> bool:
         print("matplotlib is not installed: no plot (pip install matplotlib, or the 'dev' extra)",
               file=sys.stderr)
         return False
-    panels = (("output_tok_per_s", None, "output tokens / s"), ("ttft_ms", ("p50", "p99"), "TTFT (ms)"),
-              ("tpot_ms", ("p50", "p99"), "TPOT (ms)"), ("itl_ms", ("p50", "p99"), "inter-token latency (ms)"))
+    panels = (("output_tok_per_s", None, "output tokens / s"), ("e2e_ms", ("p50", "p99"), "request latency (ms)"),
+              ("ttft_ms", ("p50", "p99"), "TTFT (ms)"), ("tpot_ms", ("p50", "p99"), "TPOT (ms)"))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, pcts, label) in zip(axes.flat, panels):
@@ -85,7 +85,7 @@ def plot(runs: dict[str, dict], path: Path) -> bool:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("tlq bench")
+    fig.suptitle("tlq bench (vllm bench serve, random-mm)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

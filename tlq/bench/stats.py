@@ -1,10 +1,13 @@
-"""Latency percentiles and throughput of one concurrency level.
+"""One concurrency level's summary from vLLM's per-request results (`vllm bench serve --save-detailed`).
 
-Definitions (all over successful requests):
+vLLM summarises one run; a level of `tlq bench` can be several runs (rounds, until `min_seconds`),
+so the level is summarised here from the pooled per-request data, with vLLM's definitions:
     TTFT  time from sending the request to the first streamed token.
-    TPOT  per request, (end-to-end - TTFT) / (output tokens - 1): mean time per later token.
-    ITL   every gap between two streamed chunks, pooled over requests.
-    throughput  completed requests / level wall time, and output tokens / level wall time.
+    TPOT  per request, (latency - TTFT) / (output tokens - 1).
+    ITL   every gap between two streamed tokens, pooled over requests.
+    E2E   request latency.
+    throughput  completed requests (output tokens) / the rounds' summed durations.
+For one round these equal vLLM's own numbers (numpy's linear percentile, as vLLM uses).
 """
 from __future__ import annotations
 
@@ -35,28 +38,43 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000.0, 3)
 
 
-def summarize(results, wall_s: float, concurrency: int) -> dict:
-    """One level's summary from its RequestResults (see loadgen)."""
-    ok = [r for r in results if r.ok]
-    tokens = sum(r.output_tokens for r in ok)
-    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    wall = max(wall_s, 1e-9)
+def _error_kind(text: str) -> str:
+    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "error")[:120]
+
+
+def summarize(rounds: list[dict], concurrency: int, image_requests: int = 0) -> dict:
+    """A level's summary from the detailed result dicts of its rounds (vLLM's JSON)."""
+    ok, errors, sent, wall = [], [], 0, 0.0
+    for r in rounds:
+        wall += r["duration"]
+        for i, err in enumerate(r["errors"]):
+            sent += 1
+            if err:
+                errors.append(_error_kind(err))
+            else:
+                ok.append({"ttft": r["ttfts"][i], "itl": r["itls"][i], "e2e": r["latencies"][i],
+                           "out": r["output_lens"][i], "in": r["input_lens"][i]})
+    tokens = sum(o["out"] for o in ok)
+    tpot = [(o["e2e"] - o["ttft"]) / (o["out"] - 1) for o in ok if o["out"] > 1]
+    wall = max(wall, 1e-9)
     return {
         "concurrency": concurrency,
-        "sent": len(results),
+        "rounds": len(rounds),
+        "sent": sent,
         "completed": len(ok),
-        "errors": len(results) - len(ok),
-        "error_kinds": dict(Counter(r.error for r in results if not r.ok)),
-        "kinds": dict(Counter(r.kind for r in results)),
-        "wall_s": round(wall_s, 3),
+        "errors": sent - len(ok),
+        "error_kinds": dict(Counter(errors)),
+        "image_requests": image_requests,
+        "wall_s": round(wall, 3),
         "request_per_s": round(len(ok) / wall, 3),
         "output_tok_per_s": round(tokens / wall, 2),
         "output_tokens": tokens,
-        "mean_prompt_tokens": round(sum(r.prompt_tokens for r in ok) / len(ok), 1) if ok else None,
-        "ttft_ms": distribution_ms([r.ttft for r in ok]),
+        "mean_prompt_tokens": round(sum(o["in"] for o in ok) / len(ok), 1) if ok else None,
+        "ttft_ms": distribution_ms([o["ttft"] for o in ok]),
         "tpot_ms": distribution_ms(tpot),
-        "itl_ms": distribution_ms([g for r in ok for g in r.itl]),
-        "e2e_ms": distribution_ms([r.e2e for r in ok]),
+        "itl_ms": distribution_ms([g for o in ok for g in o["itl"]]),
+        "e2e_ms": distribution_ms([o["e2e"] for o in ok]),
     }
 
 

@@ -1,17 +1,19 @@
-"""The benchmark workload: a seeded, reproducible list of text and image chat requests.
+"""The benchmark workload, as arguments of vLLM's own serving benchmark (`vllm bench serve`).
 
-The same config and seed give byte-identical requests, so `--compare` runs the same workload
-against both servers. Every image is distinct (seeded per request) so the server's
-multimodal cache cannot serve it from a previous request.
+Requests come from vLLM's `random-mm` dataset: random prompts of `input_tokens` tokens and, for
+the share `image_fraction` of requests, one random-pixel image whose side is drawn from
+`image_sizes`. Its generator draws each request's image count uniformly from an integer range,
+so the shares it can produce are 0 (text only), 0.5 (0 or 1 image) and 1 (one image each).
+Every output runs to `max_tokens` (ignore_eos), greedy. The same config and seed give the same
+requests, so `--compare` runs one workload against both servers.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 from tlq.errors import TLQError
 
-_WORDS = ["red", "square", "blue", "circle", "green", "triangle", "small", "large", "left", "right", "top", "bottom", "picture", "colour", "shape", "count", "describe", "between", "above", "below", "near", "far", "bright", "dark", "striped", "dotted"]
+IMAGE_FRACTIONS = {0.0: (0, 0.0), 0.5: (1, 1.0), 1.0: (1, 0.0)}  # share -> random-mm (base items, range ratio)
 
 
 @dataclass
@@ -19,24 +21,22 @@ class BenchConfig:
     """One benchmark run.
 
     Attributes:
-        concurrency: concurrency levels of the sweep (requests in flight at once).
-        requests: requests sent per level (the count bound).
-        max_seconds: wall-clock bound per level: no new request starts after it.
-        request_timeout: seconds one request may take before it counts as an error.
-        max_tokens: output tokens per request (generated to the end: ignore_eos).
-        prompt_words: words in each text prompt.
-        image_sizes: square image sides in pixels; image requests cycle through them.
-        image_fraction: share of requests that carry one image (0 = text only).
-        warmup: untimed requests before the sweep (first-request costs stay out of the numbers).
-        seed: seed for prompts and images.
+        concurrency: concurrency levels of the sweep (requests in flight at once; vLLM's --max-concurrency).
+        requests: requests per round of a level (vLLM's --num-prompts).
+        min_seconds: a level repeats rounds (new seeds) until its wall time reaches this; 0 = one round.
+        max_tokens: output tokens per request (vLLM's --random-output-len, with --ignore-eos).
+        input_tokens: text tokens of each prompt (vLLM's --random-input-len).
+        image_sizes: square image sides in pixels, drawn uniformly (vLLM's --random-mm-bucket-config).
+        image_fraction: share of requests with one image: 0, 0.5 or 1 (see the module docstring).
+        warmup: untimed requests before each level's first round (vLLM's --num-warmups).
+        seed: seed of the first round (round r of level i uses seed + 1000 * i + r).
     """
 
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     requests: int = 32
-    max_seconds: float = 120.0
-    request_timeout: float = 120.0
+    min_seconds: float = 0.0
     max_tokens: int = 64
-    prompt_words: int = 24
+    input_tokens: int = 32
     image_sizes: list[int] = field(default_factory=lambda: [224, 448])
     image_fraction: float = 0.5
     warmup: int = 2
@@ -45,56 +45,38 @@ class BenchConfig:
     def validate(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
             raise TLQError("--concurrency needs positive integers, e.g. 1,4,16")
-        if self.requests < 1 or self.max_tokens < 1 or self.max_seconds <= 0:
-            raise TLQError("--requests, --max-tokens and --max-seconds must be positive")
-        if not 0.0 <= self.image_fraction <= 1.0:
-            raise TLQError(f"--image-fraction must be within [0, 1], got {self.image_fraction}")
+        if self.requests < 1 or self.max_tokens < 1 or self.input_tokens < 1:
+            raise TLQError("--requests, --max-tokens and --input-tokens must be positive")
+        if self.min_seconds < 0 or self.warmup < 0:
+            raise TLQError("--min-seconds and --warmup must be 0 or more")
+        if self.image_fraction not in IMAGE_FRACTIONS:
+            raise TLQError(f"--image-fraction must be 0, 0.5 or 1 (what vLLM's random-mm dataset draws), "
+                           f"got {self.image_fraction}")
         if self.image_fraction > 0 and (not self.image_sizes or min(self.image_sizes) < 28):
             raise TLQError("--image-sizes needs sides of at least 28 px (one 2x2 patch block), e.g. 224,448")
 
 
-@dataclass(frozen=True)
-class BenchRequest:
-    """One request: `content` is the user message content; `kind` is "text" or "image<side>"."""
+def vllm_argv(cfg: BenchConfig, base_url: str, model: str, tokenizer: str, concurrency: int, seed: int,
+              warmup: int, result_dir: str, result_file: str) -> list[str]:
+    """`vllm bench serve` arguments of one round: chat endpoint, random-mm dataset, detailed results.
 
-    kind: str
-    content: object
-
-
-def synthetic_image(side: int, seed: int):
-    """A deterministic test picture: colour gradients with a few filled shapes."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rs = np.random.RandomState(seed)
-    a = np.zeros((side, side, 3), np.uint8)
-    a[..., 0] = np.linspace(0, 255, side, dtype=np.float32)[None, :].astype(np.uint8)
-    a[..., 1] = np.linspace(0, 255, side, dtype=np.float32)[:, None].astype(np.uint8)
-    a[..., 2] = rs.randint(0, 256)
-    img = Image.fromarray(a)
-    draw = ImageDraw.Draw(img)
-    for _ in range(3):
-        x, y = rs.randint(0, side, size=2)
-        r = rs.randint(side // 16, side // 4)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rs.randint(0, 256, size=3)))
-    return img
-
-
-def build_requests(cfg: BenchConfig, n: int, offset: int = 0) -> list[BenchRequest]:
-    """`n` requests; `offset` shifts the seeds (warm-up requests differ from timed ones)."""
-    from serve.client import png_data_url
-
-    rng = random.Random(f"{cfg.seed}:{offset}")
-    out, n_images = [], 0
-    for i in range(n):
-        text = " ".join(rng.choice(_WORDS) for _ in range(cfg.prompt_words))
-        if rng.random() < cfg.image_fraction:
-            side = cfg.image_sizes[n_images % len(cfg.image_sizes)]
-            n_images += 1
-            url = png_data_url(synthetic_image(side, seed=cfg.seed * 100003 + offset + i))
-            content = [{"type": "image_url", "image_url": {"url": url}},
-                       {"type": "text", "text": f"Describe this image. {text}"}]
-            out.append(BenchRequest(f"image{side}", content))
-        else:
-            out.append(BenchRequest("text", f"Write about: {text}"))
-    return out
+    `base_url` is the server root (no /v1), `model` the served name, `tokenizer` the model's folder
+    (the `root` the server lists in /v1/models).
+    """
+    base_items, range_ratio = IMAGE_FRACTIONS[cfg.image_fraction]
+    sizes = cfg.image_sizes or [224]
+    buckets = {(s, s, 1): 1.0 / len(sizes) for s in sizes}
+    argv = ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", base_url,
+            "--dataset-name", "random-mm", "--num-prompts", str(cfg.requests),
+            "--max-concurrency", str(concurrency), "--request-rate", "inf",
+            "--random-input-len", str(cfg.input_tokens), "--random-output-len", str(cfg.max_tokens),
+            "--random-range-ratio", "0",
+            "--random-mm-base-items-per-request", str(base_items),
+            "--random-mm-num-mm-items-range-ratio", str(range_ratio),
+            "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+            "--random-mm-bucket-config", repr(buckets),
+            "--ignore-eos", "--temperature", "0", "--seed", str(seed), "--num-warmups", str(warmup),
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+            "--save-result", "--save-detailed", "--result-dir", result_dir, "--result-filename", result_file,
+            "--disable-tqdm"]
+    return argv + ["--model", tokenizer, "--served-model-name", model, "--tokenizer", tokenizer]

@@ -66,33 +66,32 @@ def serve(
 def bench(
     target: str = typer.Argument(..., help="a local URL (http://127.0.0.1:PORT/v1) or a checkpoint folder to serve for the run"),
     compare: str | None = typer.Option(None, help="second URL or folder (e.g. the float model) with the same workload"),
-    concurrency: str = typer.Option("1,4,16", help="concurrency levels, comma-separated"),
-    requests: int = typer.Option(32, help="requests per concurrency level"),
+    concurrency: str = typer.Option("1,4,16", help="concurrency levels, comma-separated (vLLM's --max-concurrency)"),
+    requests: int = typer.Option(32, help="requests per round of a level (vLLM's --num-prompts)"),
+    min_seconds: float = typer.Option(0.0, help="repeat rounds until a level has run this long (0: one round)"),
     max_tokens: int = typer.Option(64, help="output tokens per request"),
+    input_tokens: int = typer.Option(32, help="text tokens per prompt"),
     image_sizes: str = typer.Option("224,448", help="square image sides in pixels, comma-separated"),
-    image_fraction: float = typer.Option(0.5, help="share of requests with an image"),
-    prompt_words: int = typer.Option(24, help="words per text prompt"),
-    max_seconds: float = typer.Option(120.0, help="time budget per level: no request starts after it"),
-    request_timeout: float = typer.Option(120.0, help="seconds before a request counts as an error"),
+    image_fraction: float = typer.Option(0.5, help="share of requests with an image: 0, 0.5 or 1"),
+    warmup: int = typer.Option(2, help="untimed requests before each level"),
     seed: int = typer.Option(0, help="workload seed"),
     port: int = typer.Option(18400, help="port for a folder served for the run (--compare uses port + 1)"),
     api_key: str | None = typer.Option(None, envvar="TLQ_API_KEY", help="bearer token of the server"),
     model: str | None = typer.Option(None, help="served model name at TARGET (default: its first)"),
     max_num_seqs: int | None = typer.Option(None, help="--max-num-seqs of servers started here"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="write the results as JSON"),
-    plot: Path | None = typer.Option(None, help="write a PNG plot (needs matplotlib)"),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                    help="folder for bench.json, bench.png and vLLM's result JSON"),
 ) -> None:
-    """Load-test TARGET: TTFT / TPOT / inter-token latency percentiles and throughput per concurrency."""
+    """Load-test TARGET with vLLM's serving benchmark: latency percentiles and throughput per concurrency."""
     from tlq.bench import BenchConfig, BenchTargets
     from tlq.bench import bench as run
 
     cfg = BenchConfig(concurrency=_int_list(concurrency, "--concurrency"), requests=requests,
-                      max_seconds=max_seconds, request_timeout=request_timeout, max_tokens=max_tokens,
-                      prompt_words=prompt_words, image_sizes=_int_list(image_sizes, "--image-sizes"),
-                      image_fraction=image_fraction, seed=seed)
+                      min_seconds=min_seconds, max_tokens=max_tokens, input_tokens=input_tokens,
+                      image_sizes=_int_list(image_sizes, "--image-sizes"), image_fraction=image_fraction,
+                      warmup=warmup, seed=seed)
     overrides = {"max_num_seqs": max_num_seqs} if max_num_seqs else None
-    result = run(BenchTargets(target, compare, port, api_key, model, overrides), cfg, out=out, plot_path=plot,
-                 echo=typer.echo)
+    result = run(BenchTargets(target, compare, port, api_key, model, overrides), cfg, out=out, echo=typer.echo)
     if any(lv["errors"] for r in result["runs"].values() for lv in r["levels"]):
         typer.echo("some requests failed: see the error counts above", err=True)
         raise typer.Exit(1)

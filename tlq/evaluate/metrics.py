@@ -1,7 +1,11 @@
 """Scores of one answer and their aggregation into a recovery table.
 
-    exact match   normalised generated answer == normalised reference (lower case, no punctuation,
-                  no articles, single spaces: the SQuAD rule).
+    exact match   normalised generated answer == normalised reference: lower case, single spaces,
+                  no surrounding space, no final period. The one scorer of `tlq eval`, the quality
+                  benchmark (benchmarks/quality_lib/evaluate.py) and the lmms-eval task `tlq lmms-task`
+                  writes. Articles and inner punctuation stay: answers here are short ("top right",
+                  "K", "A", "37"), and SQuAD's article rule would turn the glyph answer "A" into "",
+                  which an empty prediction matches.
     agreement     the quantized model's normalised answer == the float model's.
     KL            mean over the reference answer's tokens of KL(P_fp || P_quant) of the next-token
                   distributions under teacher forcing. Exact from full logits (transformers backend);
@@ -14,17 +18,12 @@
 from __future__ import annotations
 
 import math
-import re
-import string
 from collections import defaultdict
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    text = text.lower().translate(_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    """Lower case, whitespace runs as one space, no surrounding space, no final period(s)."""
+    return " ".join(text.lower().split()).rstrip(".").rstrip()
 
 
 def exact_match(prediction: str, reference: str) -> bool:
