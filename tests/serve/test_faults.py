@@ -67,6 +67,15 @@ class Serve:
                     continue
         raise AssertionError(f"none of {titles} under tlq serve: {[p.pid for p in self.seen.values()]}")
 
+    def exit_code(self, timeout: float) -> int:
+        """tlq serve's exit code; fails with the ends of its output and of the server log if it runs on."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log = (self.run_dir / "server.log").read_text(errors="replace").splitlines()
+            pytest.fail(f"tlq serve still running after {timeout} s\n--- its output:\n"
+                        f"{self.out.read_text()[-1500:]}\n--- server log:\n" + "\n".join(log[-60:]))
+
     def leftovers(self, timeout: float = 15.0) -> list[int]:
         import psutil
         _, alive = psutil.wait_procs(list(self.seen.values()), timeout=timeout)
@@ -190,7 +199,7 @@ def test_sigkill_to_the_worker_under_load(ckpt, servers, tmp_path_factory):
         ok_before = load.ok
         t0 = time.monotonic()
         worker.send_signal(signal.SIGKILL)
-        rc = first.proc.wait(EXIT_AFTER_KILL_S)
+        rc = first.exit_code(EXIT_AFTER_KILL_S)
         took = time.monotonic() - t0
     finally:
         drain = load.finish()
@@ -243,7 +252,7 @@ def test_sigterm_to_tlq_serve_under_load_stops_gracefully(ckpt, servers, tmp_pat
         server.record()
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        rc = server.proc.wait(GRACEFUL_STOP_S)
+        rc = server.exit_code(GRACEFUL_STOP_S)
         took = time.monotonic() - t0
     finally:
         load.finish()

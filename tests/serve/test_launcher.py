@@ -210,3 +210,22 @@ def test_api_server_killed_is_named(qwen2_vl_dir, tmp_path):
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
             runner.wait()
+
+
+def test_stop_does_not_wait_out_the_grace_once_the_engine_is_gone(qwen2_vl_dir, monkeypatch):
+    """vLLM stopped its engine but its HTTP server hangs on a connection: stop() ends it after HTTP_DRAIN_S."""
+    from serve.process import HTTP_DRAIN_S, ServerProcess, port_in_use
+    port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
+    monkeypatch.setattr("serve.process.vllm_command",
+                        lambda cfg: [sys.executable, "-c", ENGINE_SERVER, str(port), "hang-on-stop"])
+    server = ServerProcess(ServeConfig(model=qwen2_vl_dir, port=port, verify=False, device="cpu"))
+    try:
+        server.start()
+        server.wait_ready(timeout=60)
+        t0 = time.monotonic()
+        rc = server.stop(signal.SIGTERM, grace=60.0)
+        took = time.monotonic() - t0
+    finally:
+        server.stop(grace=1.0)
+    assert rc == -signal.SIGKILL and HTTP_DRAIN_S <= took < HTTP_DRAIN_S + 10, (rc, took)
+    assert not port_in_use("127.0.0.1", port)
