@@ -107,6 +107,7 @@ class ServerProcess:
         self._force = False
         self.started_at = 0.0
         self.ready_after: float | None = None
+        self._log_start = 0
 
     # -- properties -------------------------------------------------------------
     @property
@@ -138,6 +139,7 @@ class ServerProcess:
         log.info("starting: %s", " ".join(cmd))
         self.started_at = time.monotonic()
         with open(self.log_path, "ab") as logf:
+            self._log_start = logf.tell()  # a reused --run-dir appends: earlier runs' crashes are not ours
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 env=vllm_env(self.cfg, self.run_dir), start_new_session=True,
@@ -210,7 +212,9 @@ class ServerProcess:
         deadline = time.monotonic() + settle
         while True:
             try:
-                text = self.log_path.read_text(errors="replace")
+                with open(self.log_path, "rb") as f:
+                    f.seek(self._log_start)
+                    text = f.read().decode(errors="replace")
             except OSError:
                 text = ""
             if EXIT_MARK in text or time.monotonic() > deadline or not self.dead_processes():

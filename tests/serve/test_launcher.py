@@ -128,6 +128,9 @@ def test_engine_death_ends_tlq_serve_with_one_line_and_keeps_the_log(qwen2_vl_di
     from serve.process import port_in_use
     port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
     out, err = tmp_path / "out.log", tmp_path / "err.log"
+    (tmp_path / "run").mkdir()  # a reused --run-dir: an earlier run's crash in the log is not this one's
+    (tmp_path / "run" / "server.log").write_text("[tlq] vLLM process exited: Old_0 pid 1 killed by SIGSEGV\n"
+                                                 "Fatal Python error: Segmentation fault\n")
     with open(out, "wb") as f, open(err, "wb") as e:
         runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(qwen2_vl_dir), str(port), ENGINE_SERVER,
                                    str(tmp_path / "run")], stdout=f, stderr=e, start_new_session=True)
