@@ -15,7 +15,7 @@ from tlq.calib.importance import integrate, token_gradients, uniform_weights
 from tlq.calib.input_scaling import scale_layer_inputs
 from tlq.calib.layer_loop import WorkFolder, run_layer_loop
 from tlq.calib.layer_solve import LayerInputs, add_activation_quant, run_layer
-from tlq.quant import solvers
+from tlq.quant.statistics import InputStatistics
 from tlq.schemes import get_scheme
 
 
@@ -75,13 +75,12 @@ def test_corrected_exposure_takes_its_target_from_the_float_path(qwen2_vl_dir, t
     """TLQ (without input scaling, so the float layer's q/k/v input is input_layernorm(h_fp)):
     the solver gets X from the quantized stream and X_fp from the float one."""
     method = dataclasses.replace(METHODS["tlq"], input_scaling="none")
-    given = []
-    gptq = solvers.SOLVERS["gptq"]
-    monkeypatch.setitem(solvers.SOLVERS, "gptq", solvers.Solver(
-        lambda W, data, s: given.append((data.X.clone(), data.X_fp.clone())) or gptq.solve(W, data, s), True))
+    given = []  # what each group's statistics are built from (one batch per group at this size)
+    add = InputStatistics.add
+    monkeypatch.setattr(InputStatistics, "add", lambda self, X, w=None, X_fp=None: given.append(
+        (X.clone(), X_fp.clone())) or add(self, X, w, X_fp))
     pristine, quantized, adapter, samples, _ = _loop(qwen2_vl_dir, tmp_path, monkeypatch, method)
-    per_layer = len(adapter.linear_names())
-    X, X_fp = given[per_layer]  # layer 1, q_proj
+    X, X_fp = given[len(adapter.linear_groups)]  # layer 1, q/k/v
     norm_fp = pristine.get_submodule(f"{adapter.layer_prefix(1)}.input_layernorm")
     norm_q = quantized.get_submodule(f"{adapter.layer_prefix(1)}.input_layernorm")
     want_fp = torch.cat([norm_fp(h)[0] for h in _through(pristine, adapter, samples, 1)])

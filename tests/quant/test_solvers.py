@@ -6,6 +6,7 @@ import torch
 
 from tlq.calib.config import METHODS, CalibConfig, MethodSpec
 from tlq.errors import TLQError
+from tlq.quant.gptq import gptq_quantize
 from tlq.quant.qparams import quantize_rtn
 from tlq.quant.solvers import SOLVERS, GroupData, Solver, SolverSettings
 from tlq.quant.weighted_gptq import weighted_hessian
@@ -35,13 +36,18 @@ def test_every_solver_has_the_same_signature_and_quantizes():
         assert qw.shape == (24, 64) and qw.bits == 4, name
 
 
-def test_gptq_beats_rtn_on_its_inputs_and_shares_one_hessian():
+def test_gptq_beats_rtn_on_its_inputs_and_shares_one_factorisation():
     W, X = torch.randn(32, 64, generator=gen(4)), torch.randn(300, 64, generator=gen(5)) * torch.linspace(0.1, 3, 64)
     settings = SolverSettings(get_scheme("w3a16").with_overrides(group_size=32), BF16)
+    assert torch.equal(GroupData(X).hessian(), weighted_hessian(X))
     data = GroupData(X)
     err = {n: float((X @ (W - s.solve(W, data, settings).dequantize()).T).square().mean()) for n, s in SOLVERS.items()}
     assert err["gptq"] < err["rtn"]
-    assert torch.equal(data.hessian(), weighted_hessian(X)) and data.hessian() is data.hessian()
+    factor = data.stats.gptq_factor(settings.damp, settings.act_order)
+    SOLVERS["gptq"].solve(W * 2, data, settings)  # a second linear of the group: same factor, no new one
+    assert data.stats.gptq_factor(settings.damp, settings.act_order) is factor and len(data.stats._gptq) == 1
+    ref = gptq_quantize(W, weighted_hessian(X), settings.scheme, BF16, damp=settings.damp)
+    assert torch.equal(SOLVERS["gptq"].solve(W, GroupData(X), settings).codes, ref.codes)
 
 
 def test_unknown_solver_is_refused_by_the_config(tmp_path):

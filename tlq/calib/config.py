@@ -154,6 +154,10 @@ class CalibConfig:
             (None = the method's default).
         smoothquant_alpha: migration strength for smoothquant scaling.
         n_grid: grid points of the AWQ/MBQ scale search.
+        batch_tokens: tokens per batch when a group's inputs are streamed into its statistics (memory
+            of one batch: batch_tokens x K fp32; the statistics do not grow with calibration tokens).
+        search_tokens: tokens the scale and clipping searches see (whole samples, an importance-weighted
+            seeded draw when the calibration set is larger; recorded in the manifest).
         importance: token weighting (ImportanceConfig).
         work_dir: resumable per-layer results (default: a hidden sibling of `out`).
         overwrite: replace an existing `out`.
@@ -174,6 +178,8 @@ class CalibConfig:
     exposure_strength: float | None = None
     smoothquant_alpha: float = 0.5
     n_grid: int = 20
+    batch_tokens: int = 8192
+    search_tokens: int = 8192
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     work_dir: Path | None = None
     overwrite: bool = False
@@ -204,6 +210,9 @@ class CalibConfig:
             self.damp = self.method.damp
         if self.exposure_strength is None:
             self.exposure_strength = self.method.exposure_strength
+        for name in ("batch_tokens", "search_tokens"):
+            if getattr(self, name) < 1:
+                raise TLQError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         if not self.damp > 0:
             raise TLQError(f"damp must be positive, not {self.damp}; GPTQ's usual value is 0.01")
         if not 0.0 <= self.exposure_strength <= 1.0:
@@ -215,4 +224,5 @@ class CalibConfig:
                 "calib": str(self.calib), "max_samples": self.max_samples, "seed": self.seed,
                 "act_order": self.act_order, "damp": self.damp, "exposure_strength": self.exposure_strength,
                 "importance": self.importance.__dict__, "smoothquant_alpha": self.smoothquant_alpha,
-                "n_grid": self.n_grid}
+                "n_grid": self.n_grid, "search_tokens": self.search_tokens,
+                "batch_tokens": self.batch_tokens}

@@ -14,12 +14,12 @@ from torch import nn
 from tlq.adapters import ModelAdapter, get_submodule
 from tlq.calib.capture import to_device
 from tlq.calib.config import CalibConfig
+from tlq.calib.group_inputs import search_samples, stream_group
 from tlq.calib.importance import group_weights
 from tlq.calib.input_scaling import scale_layer_inputs
-from tlq.calib.probes import collect_inputs
 from tlq.calib.timing import timed
 from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8
-from tlq.quant.solvers import SOLVERS, GroupData, SolverSettings
+from tlq.quant.solvers import SOLVERS, SolverSettings
 
 
 @dataclass
@@ -37,6 +37,16 @@ class LayerInputs:
     fp: list[torch.Tensor]
     kwargs: list[dict]
     weights: list[dict[str, torch.Tensor]]
+
+    def subset(self, samples: list[int]) -> LayerInputs:
+        if len(samples) == len(self.calib):
+            return self
+        return LayerInputs(*([items[i] for i in samples] for items in (self.calib, self.fp, self.kwargs, self.weights)))
+
+
+def sample_mass(weights: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Each sample's total token weight over the layer's blocks (what the search draw is weighted by)."""
+    return [float(sum(w.float().sum() for w in per_block.values())) for per_block in weights]
 
 
 def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: str) -> list[torch.Tensor]:
@@ -72,9 +82,12 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
     device, scheme, method = cfg.device, cfg.scheme, cfg.method
     layer.to(device)
 
+    lengths = [h.shape[-2] for h in inputs.calib]
+    search = search_samples(lengths, sample_mass(inputs.weights), cfg.search_tokens, layer_seed)
     with timed("scale search"):
-        overrides = scale_layer_inputs(layer, layer_prefix, inputs.calib, inputs.kwargs, inputs.weights, adapter,
-                                       cfg, dtype, fp_hidden=inputs.fp)
+        sub = inputs.subset(search)
+        overrides = scale_layer_inputs(layer, layer_prefix, sub.calib, sub.kwargs, sub.weights, adapter,
+                                       cfg, dtype, fp_hidden=sub.fp)
     # the float (scaled) layer: targets of corrected exposure; with fp exposure also where every
     # group reads its inputs, so later groups do not see the earlier groups' rounding (AutoAWQ's input_feat)
     fp_scaled = copy.deepcopy(layer) if method.exposure in ("corrected", "fp") else None
@@ -86,22 +99,20 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
 
     quantized, hooks = {}, []
     for group in adapter.linear_groups:
-        X = collect_inputs(fp_scaled if method.exposure == "fp" else layer, group.names[0], inputs.calib,
-                           inputs.kwargs, device)
-        if not scheme.weight_only:
-            X = quantize_activations_int8(X)
         w = group_weights(inputs.weights, group) if method.importance != "uniform" else None
-        X_fp = None
-        if method.exposure == "corrected":
-            X_fp = collect_inputs(fp_scaled, group.names[0], inputs.fp, inputs.kwargs, device)
+        keep = None
         if w is not None or cfg.importance.max_tokens is not None:  # uniform weights: --max-tokens only
-            keep = select_tokens(torch.ones(len(X)) if w is None else w, cfg.importance.drop_below,
-                                 cfg.importance.max_tokens, layer_seed)
-            if keep is not None:
-                X, w = X[keep], None if w is None else w[keep]
-                X_fp = None if X_fp is None else X_fp[keep]
-        # inputs are gathered on the CPU; the solver runs where the layer is
-        data = GroupData(*(None if t is None else t.to(device) for t in (X, w, X_fp)))
+            idx = select_tokens(torch.ones(sum(lengths)) if w is None else w, cfg.importance.drop_below,
+                                cfg.importance.max_tokens, layer_seed)
+            if idx is not None:
+                keep = torch.zeros(sum(lengths), dtype=torch.bool)
+                keep[idx] = True
+        with timed("statistics"):
+            data = stream_group(fp_scaled if method.exposure == "fp" else layer,
+                                fp_scaled if method.exposure == "corrected" else None, group.names[0],
+                                inputs.calib, inputs.fp, inputs.kwargs, device, weights=w, keep=keep,
+                                act_quant=not scheme.weight_only, batch_tokens=cfg.batch_tokens,
+                                search=search if method.clip_search else None)
         for name in group.names:
             lin = get_submodule(layer, name)
             with timed("solve"):
@@ -109,6 +120,7 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
             with torch.no_grad():
                 lin.weight.copy_(qw.dequantize(lin.weight.dtype))
             quantized[f"{layer_prefix}.{name}"] = qw.to("cpu")
+        data.stats.release()
         if not scheme.weight_only:
             hooks += add_activation_quant(layer, group.names)
     return quantized, overrides, hooks

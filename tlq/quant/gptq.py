@@ -20,6 +20,8 @@ result carries g_idx[k] = group of original column k.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tlq.errors import TLQError
@@ -32,19 +34,53 @@ CHOLESKY_RETRIES = 4
 def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, so H^-1 = U^T U.
 
-    A failing factorisation (H not positive definite) is retried with 10x the damping.
+    H is used as scratch (its diagonal is damped in place) and left holding H + damping: pass a
+    copy you own. Besides H only one K x K buffer is used: the Cholesky factor, then inverted and
+    re-factored in place (the same values as the out-of-place calls). A failing factorisation
+    (H not positive definite) is retried with 10x the damping.
     """
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean_diag = torch.diag(H).mean()
+    undamped = torch.diag(H).clone()
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for _ in range(CHOLESKY_RETRIES):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        H.diagonal().copy_(undamped + damp * mean_diag)
+        L, bad = torch.linalg.cholesky_ex(H)
+        if bad == 0:
+            torch.cholesky_inverse(L, out=L)
+            torch.linalg.cholesky_ex(L, upper=True, out=(L, info))
             if info == 0:
-                return U
+                return L
         damp = damp * 10 if damp > 0 else 0.01
     raise TLQError(f"GPTQ: the Hessian is not positive definite even with damping {damp / 10:g}; "
                    "use more calibration tokens or a larger --damp")
+
+
+@dataclass
+class HessianFactor:
+    """What GPTQ needs from a Hessian, computed once and shared by every linear that reads the same
+    inputs (q/k/v, gate/up).
+
+    Attributes:
+        U: upper Cholesky factor of the damped, permuted H^-1 [K, K].
+        perm: processing order of the input columns (act-order, else identity).
+        dead: inputs that never see signal (H_jj == 0); their weights are zeroed.
+    """
+
+    U: torch.Tensor
+    perm: torch.Tensor
+    dead: torch.Tensor
+
+
+def hessian_factor(H: torch.Tensor, damp: float, act_order: bool = False, overwrite: bool = False) -> HessianFactor:
+    """Steps 1-4 of the module docstring. `overwrite=True` uses H itself as scratch (no copy)."""
+    H = H.float() if overwrite else H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    K = H.shape[0]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=H.device)
+    if act_order:
+        H = H[perm][:, perm]
+    return HessianFactor(inverse_cholesky(H, damp), perm, dead)
 
 
 def _group_weights(W, W1, Err1, Hinv, i1, i, i2, g):
@@ -61,26 +97,26 @@ def _group_weights(W, W1, Err1, Hinv, i1, i, i2, g):
     return part
 
 
-def gptq_core(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype, *,
-              damp: float = 0.01, block_size: int = 128,
-              act_order: bool = False) -> tuple[QuantizedWeight, torch.Tensor]:
-    """GPTQ returning (QuantizedWeight, Q) where Q[N, K] is the dequantized weight as the loop computed it."""
-    if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise TLQError(f"GPTQ: weight {tuple(W.shape)} and Hessian {tuple(H.shape)} do not match; "
-                       "the Hessian must be [K, K] for a weight [N, K]")
+def gptq_core(W: torch.Tensor, H: torch.Tensor | None, scheme: QuantScheme, scale_dtype: torch.dtype, *,
+              damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+              factor: HessianFactor | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
+    """GPTQ returning (QuantizedWeight, Q) where Q[N, K] is the dequantized weight as the loop computed it.
+
+    Pass `factor` (hessian_factor of H) instead of H to share one factorisation across linears."""
+    if factor is None:
+        if W.ndim != 2 or H is None or H.shape != (W.shape[1], W.shape[1]):
+            raise TLQError(f"GPTQ: weight {tuple(W.shape)} and Hessian {None if H is None else tuple(H.shape)} "
+                           "do not match; the Hessian must be [K, K] for a weight [N, K]")
+        factor = hessian_factor(H, damp, act_order)
     W = W.float().clone()
-    H = H.float().clone()
     N, K = W.shape
     bits, sym, gs = scheme.bits, scheme.symmetric, scheme.group_size
     g = K if gs == -1 else gs
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv = inverse_cholesky(H, damp)
+    W[:, factor.dead] = 0
+    perm = factor.perm
+    if act_order:
+        W = W[:, perm]
+    Hinv = factor.U
 
     ng = n_groups(K, gs)
     scales = torch.empty(N, ng, device=W.device)

@@ -7,13 +7,14 @@ in tlq/quant plus one row in SOLVERS; `MethodSpec.solver` is checked against thi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from tlq.quant.qparams import QuantizedWeight, quantize_rtn
 from tlq.quant.scale_search import clip_weights, search_clip_ratios
-from tlq.quant.weighted_gptq import weighted_gptq_quantize, weighted_hessian
+from tlq.quant.statistics import InputStatistics
+from tlq.quant.weighted_gptq import weighted_gptq_from_statistics
 from tlq.schemes import QuantScheme
 
 
@@ -22,21 +23,28 @@ class GroupData:
     """Calibration inputs shared by the linears of one group (they read the same input).
 
     Attributes:
-        X: [T, K] inputs the solver calibrates on (FP or exposed path, per the method).
-        w: [T] token weights, or None for uniform ones.
-        X_fp: [T, K] the FP path's inputs when the method corrects exposure, else None.
+        X: [T, K] inputs for the searches that need tokens (clipping, the scale judge): all of them
+            for small runs, else a bounded subsample (tlq/calib/layer_solve.py); may be empty when
+            `stats` is given and nothing searches.
+        w: [T] token weights of X's rows, or None for uniform ones.
+        X_fp: [T, K] the FP path's inputs of X's rows when the method corrects exposure, else None.
+        stats: the streamed statistics of every kept token (tlq/quant/statistics.py); None builds
+            them from X, w, X_fp.
     """
 
     X: torch.Tensor
     w: torch.Tensor | None = None
     X_fp: torch.Tensor | None = None
-    _hessian: torch.Tensor | None = field(default=None, repr=False)
+    stats: InputStatistics | None = None
+
+    def statistics(self) -> InputStatistics:
+        if self.stats is None:
+            self.stats = InputStatistics.from_tensors(self.X, self.w, self.X_fp)
+        return self.stats
 
     def hessian(self) -> torch.Tensor:
-        """Weighted Hessian of X, computed once and shared by the group's linears."""
-        if self._hessian is None:
-            self._hessian = weighted_hessian(self.X, self.w)
-        return self._hessian
+        """The weighted Hessian 2 X^T D X / sum(w) (a new tensor)."""
+        return self.statistics().hessian()
 
 
 @dataclass(frozen=True)
@@ -71,9 +79,10 @@ def solve_rtn(W: torch.Tensor, data: GroupData, s: SolverSettings) -> QuantizedW
 
 
 def solve_gptq(W: torch.Tensor, data: GroupData, s: SolverSettings) -> QuantizedWeight:
-    """(Token-weighted) GPTQ, on the exposure-corrected target when FP inputs are given."""
-    return weighted_gptq_quantize(W, data.X, s.scheme, s.scale_dtype, w=data.w, X_fp=data.X_fp, damp=s.damp,
-                                  H=data.hessian(), act_order=s.act_order, exposure_strength=s.exposure_strength)
+    """(Token-weighted) GPTQ, on the exposure-corrected target when FP inputs are given; the group's
+    linears share one exposure factor and one Hessian factorisation."""
+    return weighted_gptq_from_statistics(W, data.statistics(), s.scheme, s.scale_dtype, damp=s.damp,
+                                         act_order=s.act_order, exposure_strength=s.exposure_strength)
 
 
 @dataclass(frozen=True)

@@ -11,82 +11,85 @@ the inputs it sees once the earlier layers are quantized; w [T] token importance
 
 so GPTQ on W* under H minimises the token-weighted error against the FP outputs while
 seeing the exposed inputs (GPTAQ / MBQ-"distort" / VLMQ's asymmetric calibration).
+
+Everything here reads the streaming statistics M = X_q^T W X_q, C = X_fp^T W X_q, S = sum(w)
+(tlq/quant/statistics.py): A = M / S, C / S, H = 2 M / S. The tensor functions below build
+them from one batch, which gives the all-at-once formulas exactly.
 """
 from __future__ import annotations
 
 import torch
 
 from tlq.errors import TLQError
-from tlq.quant.gptq import gptq_quantize
+from tlq.quant.gptq import gptq_core
 from tlq.quant.qparams import QuantizedWeight
+from tlq.quant.statistics import ExposureFactor, InputStatistics
 from tlq.schemes import QuantScheme
-
-
-def _check_weights(X: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor | None:
-    if w is None:
-        return None
-    w = w.float().reshape(-1)
-    if w.shape[0] != X.shape[0]:
-        raise TLQError(f"{w.shape[0]} token weights for {X.shape[0]} tokens; pass one weight per token")
-    if (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
-        raise TLQError("token weights must be finite, non-negative and not all zero; check the importance pass")
-    return w
 
 
 def weighted_hessian(X: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """H = 2 X^T diag(w) X / sum(w); w None gives GPTQ's 2/T X^T X. Zero-weight tokens add nothing."""
-    X = X.float().reshape(-1, X.shape[-1])
-    w = _check_weights(X, w)
-    if w is None:
-        return (2.0 / X.shape[0]) * (X.T @ X)
-    return (2.0 / w.sum()) * (X.T @ (X * w[:, None]))
+    return InputStatistics.from_tensors(X, w).hessian()
+
+
+def check_strength(strength: float) -> None:
+    if not 0.0 <= strength <= 1.0:
+        raise TLQError(f"exposure strength {strength} is outside [0, 1]")
+
+
+def exposure_target(W: torch.Tensor, factor: ExposureFactor, strength: float = 1.0) -> torch.Tensor:
+    """W + strength * (W* - W) with W* = (W C + lam W) (A + lam I)^-1 (module docstring).
+
+    The ridge term pulls W* towards W (not towards 0), so X_q == X_fp gives W* == W exactly and a
+    badly conditioned A cannot blow W* up.
+    """
+    check_strength(strength)
+    W = W.float()
+    if strength == 0.0:
+        return W.clone()
+    # W* (A + lam I) = W C + lam W  (A symmetric)  ->  solve (A + lam I) W*^T = (W C + lam W)^T
+    W_star = torch.cholesky_solve((W @ factor.C + factor.lam * W).T, factor.L).T
+    return W + strength * (W_star - W)
 
 
 def exposure_corrected_target(W: torch.Tensor, X_fp: torch.Tensor, X_q: torch.Tensor,
                               w: torch.Tensor | None = None, damp: float = 0.01,
                               strength: float = 1.0) -> torch.Tensor:
-    """W + strength * (W* - W), with W* the weight that best maps X_q to the FP outputs W X_fp.
-
-    W* = (W C + lam W) (A + lam I)^-1 with C = X_fp^T D X_q, A = X_q^T D X_q,
-    lam = damp * mean(diag A). The ridge term pulls W* towards W (not towards 0), so
-    X_q == X_fp gives W* == W exactly and a badly conditioned A cannot blow W* up.
-    """
-    if not 0.0 <= strength <= 1.0:
-        raise TLQError(f"exposure strength {strength} is outside [0, 1]")
+    """`exposure_target` from one batch of FP-path and exposed inputs (lam = damp * mean diag A)."""
+    check_strength(strength)
     if X_fp.shape != X_q.shape:
         raise TLQError(f"FP inputs {tuple(X_fp.shape)} and exposed inputs {tuple(X_q.shape)} differ; "
                        "both paths must see the same tokens")
-    W = W.float()
     if strength == 0.0:
-        return W.clone()
-    X_fp = X_fp.float().reshape(-1, X_fp.shape[-1])
-    X_q = X_q.float().reshape(-1, X_q.shape[-1])
-    w = _check_weights(X_q, w)
-    Dq = X_q if w is None else X_q * w[:, None]
-    norm = X_q.shape[0] if w is None else w.sum()
-    C = (X_fp.T @ Dq) / norm
-    A = (X_q.T @ Dq) / norm
-    lam = damp * torch.diag(A).mean().clamp(min=1e-12)
-    A = A + lam * torch.eye(A.shape[0], device=A.device)
-    # W* A_damped = W C + lam W  (A symmetric)  ->  solve A_damped W*^T = (W C + lam W)^T
-    L, info = torch.linalg.cholesky_ex(A)
-    if info != 0:
-        raise TLQError("exposure correction: the exposed-input Gram matrix is singular; raise damp")
-    W_star = torch.cholesky_solve((W @ C + lam * W).T, L).T
-    return W + strength * (W_star - W)
+        return W.float().clone()
+    return exposure_target(W, InputStatistics.from_tensors(X_q, w, X_fp).exposure_factor(damp), strength)
 
 
 def weighted_gptq_quantize(W: torch.Tensor, X_q: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype,
                            *, w: torch.Tensor | None = None, X_fp: torch.Tensor | None = None,
                            damp: float = 0.01, act_order: bool = False, exposure_strength: float = 1.0,
-                           block_size: int = 128, H: torch.Tensor | None = None) -> QuantizedWeight:
+                           block_size: int = 128) -> QuantizedWeight:
     """GPTQ under the token-weighted Hessian of the exposed inputs, on the exposure-corrected target.
 
     X_fp None or exposure_strength 0 gives plain weighted GPTQ; w None as well gives GPTQ.
-    `H` may pass weighted_hessian(X_q, w) precomputed, to share it across linears fed by the same X_q.
     """
-    H = weighted_hessian(X_q, w) if H is None else H
+    check_strength(exposure_strength)
+    cross = X_fp if X_fp is not None and exposure_strength > 0 else None
+    if cross is not None and cross.shape != X_q.shape:
+        raise TLQError(f"FP inputs {tuple(cross.shape)} and exposed inputs {tuple(X_q.shape)} differ; "
+                       "both paths must see the same tokens")
+    stats = InputStatistics.from_tensors(X_q, w, cross)
+    return weighted_gptq_from_statistics(W, stats, scheme, scale_dtype, damp=damp, act_order=act_order,
+                                         exposure_strength=exposure_strength, block_size=block_size)
+
+
+def weighted_gptq_from_statistics(W: torch.Tensor, stats: InputStatistics, scheme: QuantScheme,
+                                  scale_dtype: torch.dtype, *, damp: float = 0.01, act_order: bool = False,
+                                  exposure_strength: float = 1.0, block_size: int = 128) -> QuantizedWeight:
+    """`weighted_gptq_quantize` for one linear from accumulated statistics (they are consumed)."""
     target = W.float()
-    if X_fp is not None and exposure_strength > 0:
-        target = exposure_corrected_target(W, X_fp, X_q, w, damp=damp, strength=exposure_strength)
-    return gptq_quantize(target, H, scheme, scale_dtype, damp=damp, block_size=block_size, act_order=act_order)
+    if stats.cross and exposure_strength > 0:
+        target = exposure_target(W, stats.exposure_factor(damp), exposure_strength)
+    factor = stats.gptq_factor(damp, act_order)
+    return gptq_core(target, None, scheme, scale_dtype, damp=damp, block_size=block_size, act_order=act_order,
+                     factor=factor)[0]

@@ -1,0 +1,139 @@
+"""Streaming sufficient statistics of one linear group's inputs: what every data-driven solver reads.
+
+For the kept tokens t of all samples, with token weights w_t (1 for uniform methods), inputs x_t on
+the calibration path and x_fp,t on the float path (corrected exposure only):
+
+    M = sum_t w_t x_t x_t^T          C = sum_t w_t x_fp,t x_t^T          S = sum_t w_t
+
+Then H = 2 M / S is the (token-weighted) GPTQ Hessian, and the exposure-corrected target needs only
+M / S and C / S (tlq/quant/weighted_gptq.py). Inputs are folded in batch by batch (`add`) and
+dropped, so memory is two K x K fp32 matrices whatever the number of calibration tokens. One
+batch gives exactly the matrices `X^T (w * X)` of the all-at-once formulas (bit-identical); more
+batches sum the same products in another order (equal within float rounding).
+
+`finish()` turns them into what the group's solvers share: the exposure factor (Cholesky of
+M / S + lam I, lam = damp * mean diag) and the GPTQ factor of H, computed in place, so at most
+three K x K buffers are alive for corrected exposure (M, C, and one factor) and two without.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tlq.errors import TLQError
+from tlq.quant.gptq import HessianFactor, hessian_factor
+
+
+@dataclass
+class ExposureFactor:
+    """What the exposure-corrected target of every linear in a group needs.
+
+    Attributes:
+        L: lower Cholesky factor of A + lam I, A = M / S.
+        C: C / S [K, K] (float-path x calibration-path moment).
+        lam: the ridge lam = damp * mean(diag A).
+    """
+
+    L: torch.Tensor
+    C: torch.Tensor
+    lam: torch.Tensor
+
+
+def check_token_weights(n_tokens: int, w: torch.Tensor | None) -> torch.Tensor | None:
+    if w is None:
+        return None
+    w = w.float().reshape(-1)
+    if w.shape[0] != n_tokens:
+        raise TLQError(f"{w.shape[0]} token weights for {n_tokens} tokens; pass one weight per token")
+    if (w < 0).any() or not torch.isfinite(w).all():
+        raise TLQError("token weights must be finite and non-negative; check the importance pass")
+    return w
+
+
+class InputStatistics:
+    """M, C and S of the module docstring, accumulated batch by batch on `device`."""
+
+    def __init__(self, weighted: bool, cross: bool):
+        self.weighted, self.cross = weighted, cross
+        self.M: torch.Tensor | None = None
+        self.C: torch.Tensor | None = None
+        self.S: torch.Tensor | float = 0.0
+        self.tokens = 0
+        self._exposure: dict[float, ExposureFactor] = {}
+        self._gptq: dict[tuple[float, bool], HessianFactor] = {}
+
+    @classmethod
+    def from_tensors(cls, X: torch.Tensor, w: torch.Tensor | None = None,
+                     X_fp: torch.Tensor | None = None) -> InputStatistics:
+        stats = cls(weighted=w is not None, cross=X_fp is not None)
+        stats.add(X, w, X_fp)
+        return stats
+
+    def add(self, X: torch.Tensor, w: torch.Tensor | None = None, X_fp: torch.Tensor | None = None) -> None:
+        """Fold in a batch: X [T, K] calibration-path inputs, w [T] weights, X_fp [T, K] float-path inputs."""
+        X = X.float().reshape(-1, X.shape[-1])
+        w = check_token_weights(X.shape[0], w)
+        if (w is not None) != self.weighted or (X_fp is not None) != self.cross:
+            raise TLQError("every batch of a group's statistics must carry the same kinds of inputs")
+        if X_fp is not None and X_fp.shape[-1] != X.shape[-1]:
+            raise TLQError(f"FP inputs {tuple(X_fp.shape)} and exposed inputs {tuple(X.shape)} differ; "
+                           "both paths must see the same tokens")
+        Dx = X if w is None else X * w[:, None]
+        if self.M is None:  # the first batch: exactly the all-at-once product
+            self.M = X.T @ Dx
+            self.C = None if X_fp is None else X_fp.float().reshape(-1, X.shape[-1]).T @ Dx
+        else:
+            self.M.addmm_(X.T, Dx)
+            if X_fp is not None:
+                self.C.addmm_(X_fp.float().reshape(-1, X.shape[-1]).T, Dx)
+        self.S = self.S + (X.shape[0] if w is None else w.sum())
+        self.tokens += X.shape[0]
+
+    def _check(self) -> None:
+        if self.M is None or self.tokens == 0:
+            raise TLQError("no calibration tokens reached this linear group (all dropped by --drop-below or "
+                           "--max-tokens?); keep more tokens")
+        if self.weighted and not float(self.S) > 0:
+            raise TLQError("token weights must not be all zero; check the importance pass")
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 M / S (a new tensor; M is kept)."""
+        self._check()
+        return (2.0 / self.S) * self.M
+
+    def exposure_factor(self, damp: float) -> ExposureFactor:
+        """The exposure target's shared factor (cached); C is normalised in place (not needed otherwise)."""
+        if damp in self._exposure:
+            return self._exposure[damp]
+        self._check()
+        if self.C is None:
+            raise TLQError("exposure correction needs the float path's inputs; none were collected")
+        A = self.M / self.S
+        lam = damp * torch.diag(A).mean().clamp(min=1e-12)
+        A.diagonal().add_(lam)
+        _, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
+        if info != 0:
+            raise TLQError("exposure correction: the exposed-input Gram matrix is singular; raise damp")
+        self.C.div_(self.S)
+        self._exposure[damp] = ExposureFactor(A, self.C, lam)
+        return self._exposure[damp]
+
+    def gptq_factor(self, damp: float, act_order: bool) -> HessianFactor:
+        """GPTQ's factor of H = 2 M / S (cached). The first call turns M into H in place and uses it as
+        scratch: build the exposure factor first when the group needs one."""
+        key = (damp, act_order)
+        if key not in self._gptq:
+            self._check()
+            if self._gptq:  # M is gone: another damping needs the statistics again
+                raise TLQError("GPTQ factor requested twice with different settings for one group")
+            self.M.mul_(2.0 / self.S)
+            self._gptq[key] = hessian_factor(self.M, damp, act_order, overwrite=True)
+            self.M = None
+        return self._gptq[key]
+
+    def release(self) -> None:
+        """Drop every K x K buffer (the group is solved)."""
+        self.M = self.C = None
+        self._exposure.clear()
+        self._gptq.clear()
