@@ -3,7 +3,13 @@ live `tlq serve` of the tiny Qwen2-VL at RTN W4A16, through `tlq bench` (vLLM's 
 
 Passes when no request fails, `tlq bench` prints p50/p99 latency and throughput, and the server's
 resident memory (the listening process and its children) at the end is within 10 % of its value
-after a warm-up run of the same workload.
+after a warm-up round of the same size.
+
+The server runs with vLLM's multimodal processor cache off (`--mm-processor-cache-gb 0`). With
+vLLM's default (4 GiB) every distinct image is kept, and the engine process grew by about
+100 MiB per 1024 requests here (tiny Qwen2-VL, half of them with a 112 or 224 px image): by 18 %
+over 3 x 1024 requests, where it stayed within 7 % without the cache. That growth is a bounded
+cache filling up, not a leak, and the cache only pays off for repeated images.
 """
 from __future__ import annotations
 
@@ -62,17 +68,18 @@ def test_64_clients_for_60_s_no_errors_and_flat_memory(qwen2_vl_dir, tmp_path):
               progress=False)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "tlq", "serve", str(ckpt), "--port", str(port)],
-                              stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "tlq", "serve", str(ckpt), "--port", str(port),
+                                   "--vllm-arg=--mm-processor-cache-gb=0"],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_ready(url, server, STARTUP_S)
-        warm = _bench(url + "/v1", tmp_path / "warm", "--requests", str(2 * CLIENTS), timeout=600)
+        warm = _bench(url + "/v1", tmp_path / "warm", "--requests", str(16 * CLIENTS), timeout=600)
         assert warm.returncode == 0, warm.stdout[-3000:] + warm.stderr[-3000:]
         rss_warm = server_rss_mib(port)
 
         t0 = time.monotonic()
-        run = _bench(url + "/v1", tmp_path / "load", "--requests", str(4 * CLIENTS), "--min-seconds", str(LOAD_S),
+        run = _bench(url + "/v1", tmp_path / "load", "--requests", str(16 * CLIENTS), "--min-seconds", str(LOAD_S),
                      "--seed", "7", timeout=LOAD_S + 900)
         wall = time.monotonic() - t0
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

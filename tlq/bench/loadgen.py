@@ -3,7 +3,8 @@
 vLLM generates the requests (random-mm dataset), sends them at a fixed --max-concurrency,
 times every token, and writes its result JSON (one file per round, detailed). `vllm bench serve`
 runs one configuration per call; what tlq adds is what a load test across levels needs:
-  * the concurrency sweep, and rounds that keep a level running for at least `min_seconds`;
+  * the concurrency sweep, and rounds that keep a level under load for at least `min_seconds`
+    (the sum of vLLM's measured run durations: set-up between runs does not count);
   * the count of image requests (vLLM does not report which requests carried an image);
   * the server's resident memory (the listening process and its children) after the first
     level's warm-up and after every level;
@@ -16,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -113,8 +113,8 @@ def run_bench(endpoint: Endpoint, cfg: BenchConfig, echo=print, result_dir: Path
             stack.enter_context(_api_key_env(endpoint.api_key))
         levels, files, rss_warm = [], [], None
         for i, conc in enumerate(cfg.concurrency):
-            rounds, images, t0 = [], 0, time.monotonic()
-            while not rounds or time.monotonic() - t0 < cfg.min_seconds:
+            rounds, images = [], 0
+            while not rounds or sum(r["duration"] for r in rounds) < cfg.min_seconds:
                 name = f"c{conc}-r{len(rounds)}.json"
                 argv = vllm_argv(cfg, base_url, endpoint.model, tokenizer, conc,
                                  seed=cfg.seed + LEVEL_SEED_STEP * i + len(rounds),

@@ -23,7 +23,8 @@ class BenchConfig:
     Attributes:
         concurrency: concurrency levels of the sweep (requests in flight at once; vLLM's --max-concurrency).
         requests: requests per round of a level (vLLM's --num-prompts).
-        min_seconds: a level repeats rounds (new seeds) until its wall time reaches this; 0 = one round.
+        min_seconds: a level repeats rounds (new seeds) until vLLM's measured durations of its rounds
+            add up to this (the time under load); 0 = one round.
         max_tokens: output tokens per request (vLLM's --random-output-len, with --ignore-eos).
         input_tokens: text tokens of each prompt (vLLM's --random-input-len).
         image_sizes: square image sides in pixels, drawn uniformly (vLLM's --random-mm-bucket-config).

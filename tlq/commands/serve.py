@@ -68,7 +68,7 @@ def bench(
     compare: str | None = typer.Option(None, help="second URL or folder (e.g. the float model) with the same workload"),
     concurrency: str = typer.Option("1,4,16", help="concurrency levels, comma-separated (vLLM's --max-concurrency)"),
     requests: int = typer.Option(32, help="requests per round of a level (vLLM's --num-prompts)"),
-    min_seconds: float = typer.Option(0.0, help="repeat rounds until a level has run this long (0: one round)"),
+    min_seconds: float = typer.Option(0.0, help="repeat rounds until a level has been under load this long (0: one round)"),
     max_tokens: int = typer.Option(64, help="output tokens per request"),
     input_tokens: int = typer.Option(32, help="text tokens per prompt"),
     image_sizes: str = typer.Option("224,448", help="square image sides in pixels, comma-separated"),
