@@ -158,6 +158,8 @@ class CalibConfig:
             of one batch: batch_tokens x K fp32; the statistics do not grow with calibration tokens).
         search_tokens: tokens the scale and clipping searches see (whole samples, an importance-weighted
             seeded draw when the calibration set is larger; recorded in the manifest).
+        host_memory: GiB of host RAM the layer loop's hidden-state streams (3 x tokens x hidden in the
+            model's dtype) may take; above it they are spilled to files in the work folder.
         importance: token weighting (ImportanceConfig).
         work_dir: resumable per-layer results (default: a hidden sibling of `out`).
         overwrite: replace an existing `out`.
@@ -180,6 +182,7 @@ class CalibConfig:
     n_grid: int = 20
     batch_tokens: int = 8192
     search_tokens: int = 8192
+    host_memory: float = 16.0
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     work_dir: Path | None = None
     overwrite: bool = False
@@ -213,6 +216,8 @@ class CalibConfig:
         for name in ("batch_tokens", "search_tokens"):
             if getattr(self, name) < 1:
                 raise TLQError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not self.host_memory >= 0:
+            raise TLQError(f"--host-memory must be a number of GiB >= 0, not {self.host_memory}")
         if not self.damp > 0:
             raise TLQError(f"damp must be positive, not {self.damp}; GPTQ's usual value is 0.01")
         if not 0.0 <= self.exposure_strength <= 1.0:

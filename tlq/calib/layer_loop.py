@@ -8,6 +8,7 @@ The method's exposure decides which stream the solver calibrates on (`fp`, `quan
 h_q <- layer_i^Q(h_q) and h_fp <- y_fp. One decoder layer sits on the compute device at a
 time. After each layer its result and both streams are saved to the work folder, so a
 killed run resumes from the last finished layer and ends with an identical checkpoint.
+Streams larger than the host budget (`--host-memory`) live in files (tlq/calib/streams.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tlq.calib.capture import ANSWER, PROMPT, VISION, CapturedSample
 from tlq.calib.config import CalibConfig
 from tlq.calib.layer_solve import LayerInputs, calibrate_layer, run_layer
 from tlq.calib.rss import rss_mark, trim_heap
+from tlq.calib.streams import SampleStore, StreamFolder, should_spill
 from tlq.quant.qparams import QuantizedWeight
 
 _STATE = "state.pt"
@@ -79,13 +81,15 @@ class WorkFolder:
 
     def save_layer(self, index: int, result: dict, h_q, h_fp) -> None:
         save_torch_atomic(self.path / f"layer_{index:04d}.pt", result)
-        save_torch_atomic(self.path / _STATE, {"next_layer": index + 1, "h_q": h_q, "h_fp": h_fp})
+        save_torch_atomic(self.path / _STATE, {"next_layer": index + 1, "h_q": _stream_ref(h_q),
+                                               "h_fp": _stream_ref(h_fp)})
 
     def load_layer(self, index: int) -> dict:
         return torch.load(self.path / f"layer_{index:04d}.pt", weights_only=False)
 
     def load_state(self) -> dict:
-        return torch.load(self.path / _STATE, weights_only=False)
+        state = torch.load(self.path / _STATE, weights_only=False)
+        return {**state, "h_q": _stream_from_ref(state["h_q"]), "h_fp": _stream_from_ref(state["h_fp"])}
 
     def save_object(self, name: str, obj) -> None:
         save_torch_atomic(self.path / name, obj)
@@ -93,6 +97,19 @@ class WorkFolder:
     def load_object(self, name: str):
         p = self.path / name
         return torch.load(p, weights_only=False) if p.is_file() else None
+
+
+def _stream_ref(stream):
+    """What the state file holds for a stream: the tensors, or where a spilled one lives."""
+    if isinstance(stream, SampleStore) and stream.spilled:
+        return {"spilled": str(stream.folder), "count": len(stream)}
+    return stream
+
+
+def _stream_from_ref(ref):
+    if isinstance(ref, dict) and "spilled" in ref:
+        return SampleStore.reopen(Path(ref["spilled"]), ref["count"])
+    return ref
 
 
 def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], weights: list[dict],
@@ -125,6 +142,14 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
     else:
         done = layer_range.start
         h_q, h_fp = start_streams or ([s.hidden for s in samples], [s.hidden for s in samples])
+    tokens = sum(h.shape[-2] for h in h_q)
+    streams = StreamFolder(work.path / "streams" if should_spill(tokens, h_q[0].shape[-1], dtype, cfg.host_memory)
+                           else None)
+    if streams.root is not None and not isinstance(h_q, SampleStore):  # the entry streams move to disk too
+        h_q = h_fp = SampleStore.from_tensors(h_q, streams.root / "entry")
+        if start_streams is None:
+            for s in samples:  # the captured copies are no longer read: free them
+                s.hidden = None
     bar = tqdm(range(done, layer_range.stop), desc="layers", disable=not progress, unit="layer",
                initial=done - layer_range.start, total=len(layer_range))
     for i in bar:
@@ -133,14 +158,15 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
             torch.cuda.reset_peak_memory_stats()
         layer = layers[i]
         layer.to(cfg.device)
-        y_fp = fp_targets.pop(i) if fp_targets and i in fp_targets else run_layer(layer, h_fp, kwargs, cfg.device)
+        y_fp = (fp_targets.pop(i) if fp_targets and i in fp_targets
+                else run_layer(layer, h_fp, kwargs, cfg.device, into=streams.new(f"L{i:04d}-fp")))
         calib_stream = h_fp if cfg.method.exposure == "fp" else h_q
         inputs = LayerInputs(calib_stream, h_fp, kwargs,
                              [{b: w[(i, b)] for (li, b) in w if li == i} for w in weights])
         quantized, overrides, hooks = calibrate_layer(layer, adapter.layer_prefix(i), inputs, adapter, cfg, dtype,
                                                       layer_seed=cfg.seed * 100003 + i)
         rss_mark(f"layer {i} calibrated")
-        h_q = run_layer(layer, h_q, kwargs, cfg.device)
+        h_q = run_layer(layer, h_q, kwargs, cfg.device, into=streams.new(f"L{i:04d}-q"))
         for h in hooks:
             h.remove()
         layer.to("cpu")
@@ -148,6 +174,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
                  "seconds": round(time.time() - t0, 3), "peak_mem_mb": round(_peak_memory_mb(cfg.device), 1)}
         h_fp = y_fp
         work.save_layer(i, {"quantized": quantized, "float_overrides": overrides, "stats": stats}, h_q, h_fp)
+        streams.keep_only({f"L{i:04d}-q", f"L{i:04d}-fp"})  # what the saved state refers to
         result.quantized.update(keep(quantized))
         result.float_overrides.update(overrides)
         result.layer_stats.append(stats)
@@ -156,7 +183,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
         bar.set_postfix(rel_vision=_fmt(stats["rel_vision"]), rel_text=_fmt(stats["rel_text"]))
         rss_mark(f"layer {i} done")
         _maybe_die_for_test(i)
-    result.final_streams = (h_q, h_fp)
+    result.final_streams = (list(h_q), list(h_fp)) if streams.root is not None else (h_q, h_fp)
     return result
 
 

@@ -49,9 +49,13 @@ def sample_mass(weights: list[dict[str, torch.Tensor]]) -> list[float]:
     return [float(sum(w.float().sum() for w in per_block.values())) for per_block in weights]
 
 
-def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: str) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, hidden, kwargs: list[dict], device: str, into=None):
+    """The layer's outputs for every sample, appended to `into` (a SampleStore) or a new list."""
+    out = [] if into is None else into
     with torch.no_grad():
-        return [layer(h.to(device), **to_device(kw, device)).cpu() for h, kw in zip(hidden, kwargs)]
+        for h, kw in zip(hidden, kwargs):
+            out.append(layer(h.to(device), **to_device(kw, device)).cpu())
+    return out
 
 
 def add_activation_quant(layer: nn.Module, names) -> list:

@@ -34,9 +34,17 @@ def calibrate(
                                                 "(auto: awq where activations are quantized)"),
     max_tokens: Optional[int] = typer.Option(None, help="token-level calibration set: keep at most N tokens per layer"),
     drop_below: float = typer.Option(0.0, help="token-level calibration set: drop tokens with weight below this"),
+    batch_tokens: int = typer.Option(8192, help="tokens per batch when a linear group's inputs are streamed into "
+                                     "its statistics (memory: batch x K fp32; nothing grows with calibration tokens)"),
+    search_tokens: int = typer.Option(8192, help="tokens (whole samples, drawn by importance) that the input-scale "
+                                      "and clipping searches see; recorded in the manifest"),
+    host_memory: float = typer.Option(16.0, help="GiB of host RAM for the layer loop's hidden-state streams; above "
+                                      "it they are spilled to files in the work folder (same checkpoint)"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
     resume: bool = typer.Option(True, help="continue an interrupted run from its last finished layer"),
     dry_run: bool = typer.Option(False, help="print the peak memory estimate and exit"),
+    tokens_per_sample: Optional[int] = typer.Option(None, help="--dry-run only: assume --max-samples samples of "
+                                                    "this many tokens (a folder without processor or weights)"),
     nproc: int = typer.Option(1, help="layer-sharded calibration over N processes (starts torchrun)"),
     tp: Optional[int] = typer.Option(None, help="tensor-parallel size you will serve with: warns when a row-parallel "
                                      "layer's inputs per rank are not whole groups, and offers a group size that is"),
@@ -49,13 +57,18 @@ def calibrate(
         model, out, method=method, scheme=scheme, calib=calib, group_size=group_size, sym=sym,
         importance=importance, exposure=exposure, input_scaling=input_scaling, max_tokens=max_tokens,
         drop_below=drop_below, max_samples=max_samples, seed=seed, device=device, act_order=act_order, damp=damp,
-        exposure_strength=exposure_strength, overwrite=overwrite, resume=resume)
+        exposure_strength=exposure_strength, overwrite=overwrite, resume=resume, batch_tokens=batch_tokens,
+        search_tokens=search_tokens, host_memory=host_memory)
     if tp is not None:
         _warn_tensor_parallel(cfg, tp)
     if dry_run:  # plans only: needs no GPU, even for --device cuda
         from tlq.multirank.estimate import estimate_memory, format_estimate
-        typer.echo(format_estimate(estimate_memory(cfg, nproc)))
+        typer.echo(format_estimate(estimate_memory(cfg, nproc, tokens_per_sample)))
         return
+    if tokens_per_sample is not None:
+        from tlq.errors import TLQError
+        raise TLQError("--tokens-per-sample only states the calibration size for --dry-run; a run counts the "
+                       "tokens of its calibration set: drop the flag or add --dry-run")
     if nproc > 1:
         from tlq.multirank.launch import launch_torchrun
         code = launch_torchrun(nproc)

@@ -1,0 +1,50 @@
+"""Hidden-state streams spilled to the work folder above --host-memory: same checkpoint, same resume."""
+import os
+import subprocess
+import sys
+
+import torch
+
+import tlq
+from tlq.calib.streams import SampleStore, StreamFolder, should_spill, stream_bytes
+from tlq.multirank.writer import tensor_hashes
+
+
+def test_store_round_trip_on_disk_and_in_ram(tmp_path):
+    tensors = [torch.randn(1, n, 8, dtype=torch.bfloat16) for n in (3, 5, 2)]
+    for folder in (None, tmp_path / "s"):
+        store = SampleStore.from_tensors(tensors, folder)
+        assert len(store) == 3 and store.spilled == (folder is not None)
+        assert all(torch.equal(a, b) for a, b in zip(store, tensors))
+        assert [t.shape[-2] for t in store[1:]] == [5, 2]
+    again = SampleStore.reopen(tmp_path / "s", 3)
+    assert torch.equal(again[2], tensors[2])
+    streams = StreamFolder(tmp_path)
+    streams.new("a").append(tensors[0])
+    streams.keep_only({"a"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_spill_decision():
+    assert stream_bytes(1000, 256, torch.bfloat16) == 3 * 1000 * 256 * 2
+    assert should_spill(10**6, 4096, torch.bfloat16, 16.0) is True  # 3 * 1e6 * 4096 * 2 B = 22.9 GiB
+    assert should_spill(10**5, 4096, torch.bfloat16, 16.0) is False  # 2.3 GiB
+    assert should_spill(1, 8, torch.bfloat16, 0.0) is True
+
+
+def test_spilled_run_gives_the_same_checkpoint_and_resumes(qwen2_vl_dir, tmp_path):
+    ram = tlq.calibrate(qwen2_vl_dir, out=tmp_path / "ram", method="tlq", scheme="w4a16", max_samples=3,
+                        progress=False)
+    args = [sys.executable, "-m", "tlq", "calibrate", str(qwen2_vl_dir), "--method", "tlq", "--scheme", "w4a16",
+            "--max-samples", "3", "--host-memory", "0", "--quiet", "--out", str(tmp_path / "disk")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = subprocess.run(args, env=dict(env, TLQ_TEST_DIE_AFTER_LAYER="0"), capture_output=True, text=True,
+                            check=False)
+    assert killed.returncode == 17, killed.stderr
+    spilled = tmp_path / ".disk.work" / "streams"
+    assert sorted(p.name for p in spilled.iterdir()) == ["L0000-fp", "L0000-q"]
+    assert len(list((spilled / "L0000-q").iterdir())) == 3
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
+    assert tensor_hashes(tmp_path / "disk") == tensor_hashes(ram)
+    assert not (tmp_path / ".disk.work").exists()
