@@ -200,15 +200,14 @@ def test_32_concurrent_requests_all_succeed(server):
 
 def test_bench_against_the_running_server(server, tmp_path):
     from tlq.bench import BenchConfig, BenchTargets, bench
-    cfg = BenchConfig(concurrency=[1, 4], requests=6, max_tokens=16, image_sizes=[112], warmup=1, max_seconds=60)
-    res = bench(BenchTargets(server.base, api_key=KEY), cfg, out=tmp_path / "b.json", plot_path=tmp_path / "b.png",
-                echo=lambda *_: None)
+    cfg = BenchConfig(concurrency=[1, 4], requests=6, max_tokens=16, image_sizes=[112], warmup=1)
+    res = bench(BenchTargets(server.base, api_key=KEY), cfg, out=tmp_path / "b", echo=lambda *_: None)
     (run,) = res["runs"].values()
     assert [lv["concurrency"] for lv in run["levels"]] == [1, 4]
     for lv in run["levels"]:
         assert lv["errors"] == 0 and lv["completed"] == 6 and lv["output_tokens"] == 6 * 16
         assert lv["ttft_ms"]["p99"] > 0 and lv["tpot_ms"]["p50"] > 0
-    assert json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["runs"]
 
 
 def test_eval_endpoint_backend_against_itself(server):
