@@ -232,3 +232,17 @@ def test_stop_does_not_wait_out_the_grace_once_the_engine_is_gone(qwen2_vl_dir, 
         server.stop(grace=1.0)
     assert rc == -signal.SIGKILL and HTTP_DRAIN_S <= took < HTTP_DRAIN_S + 10, (rc, took)
     assert not port_in_use("127.0.0.1", port)
+
+
+def test_a_crash_before_ready_is_named(qwen2_vl_dir, monkeypatch, tmp_path):
+    from serve.process import ServerDied, ServerProcess
+    crash = "import os, signal\ndef load_weights():\n    os.kill(os.getpid(), signal.SIGSEGV)\nload_weights()\n"
+    monkeypatch.setattr("serve.process.vllm_command", lambda cfg: [sys.executable, "-c", crash])
+    server = ServerProcess(ServeConfig(model=qwen2_vl_dir, port=18496, verify=False, device="cpu", run_dir=tmp_path))
+    server.start()
+    with pytest.raises(ServerDied) as err:
+        server.wait_ready(timeout=60)
+    assert str(err.value) == ("the vLLM server stopped before it was ready: a vLLM process died of SIGSEGV; last frame "
+                              f"<string>:3 in load_weights; API server killed by SIGSEGV; log: {tmp_path / 'server.log'}")
+    server.stop()
+    assert (tmp_path / "server.log").exists()
