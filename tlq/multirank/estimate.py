@@ -3,24 +3,42 @@
 Tensor sizes come from the safetensors headers (names mapped to the model's modules by the
 skeleton built on the meta device, tlq/multirank/stage_model.py); a folder with only a config.json
 (a stand-in for a model not downloaded yet) uses the skeleton's shapes. Token counts come from
-encoding the calibration set with the folder's processor, else `tokens_per_sample` is assumed.
-Stages are the ones a run would use (tlq/multirank/plan.py). Per rank, with S = tokens x hidden x dtype:
+encoding the calibration set with the folder's processor; `--tokens-per-sample T` (with
+`--max-samples N`: N samples of T tokens) states them instead, which a config-only folder needs.
+Stages are the ones a run would use (tlq/multirank/plan.py).
 
-  weights      the stage's decoder layers            extras   rank 0: vision tower, projector,
-  streams      4 S in the layer loop (h_q, h_fp, y_fp,         embeddings; last rank: norm, lm_head
-               the next h_q), +1 S captured on rank 0, + FP targets computed ahead (tlq/multirank)
-  layer work   the largest group's fp32 inputs (x2 while concatenated, + the FP inputs for
-               corrected exposure) + K x K fp32 Hessian work (x6 for corrected) + fp32 weight
-               copies + the layer itself (x2 for corrected: the FP copy)
-  results      the stage's quantized linears, held until the write: packed as each layer finishes
-               (one process and every rank alike), plus the last layer's int32 codes meanwhile
-  gradients    the gradient pass: stored layer inputs of the samples in flight, one layer's
-               autograd graph, fp32 logits of the longest sample on the last rank
-  host peak    runtime (+ capture on rank 0) + weights + extras + streams + results + max(layer
-               work, gradients) on CPU; + the stored inputs of the gradient pass with --device cuda.
-               (Weights count once: the RSS that grows as each layer first runs is its weights being
-               paged in from the memory-mapped safetensors file, not a kernel copy.)
-  device peak  (CUDA) max(layer work, one layer + its graph + logits): one layer at a time is there
+Notation: S = calibration tokens x hidden x dtype bytes (one hidden-state stream); bt = the largest
+batch of whole samples under --batch-tokens; st = the tokens of the search subset (--search-tokens);
+per linear group K inputs, N outputs; Q = K x K fp32. Per rank:
+
+  weights      the stage's decoder layers (counted once: pages of the memory-mapped files)
+  extras       rank 0: vision tower + projector + embeddings (the tower only until capture ends);
+               last rank: final norm + lm_head
+  streams      the layer loop's hidden states in RAM: h_q, h_fp, y_fp and the next h_q (4 S); when
+               h_q, h_fp and y_fp (3 S) exceed --host-memory they live in files in the work folder and
+               only one sample of each is mapped at a time (tlq/calib/streams.py); + on a multi-rank
+               run the entry streams the stage keeps referenced (rank 0 the captured one, the others
+               the received quantized and FP ones) and the FP targets computed ahead; + per-sample
+               layer kwargs (position embeddings) and the token weights of the stage's layers
+  layer work   calibrating one layer (tlq/calib/layer_solve.py), the largest of its phases over the
+               linear groups: the input-scale search and its solver judge on the st tokens (inputs,
+               their scaled copies, M, C and the judge's solve); the streamed statistics (one batch
+               of bt x K fp32 inputs, x2-3 while gathered, + M, C); the solve (exposure factor and
+               GPTQ factor in place: up to 4 Q for corrected exposure, 2 without; + N x K fp32 copies
+               of the weight, target, codes and GPTQ's working matrices); + the layer and, for
+               corrected/fp exposure, its float copy. Where it lives: the device with --device cuda
+               (the host then holds only the gathered batch), the host on CPU.
+  results      the stage's quantized linears, held until the write: packed as each layer finishes,
+               plus the last layer's int32 codes meanwhile
+  gradients    the gradient pass: one layer and its autograd graph, the final norm + lm_head and the
+               fp32 logits of the longest sample on the last rank, the raw importance of the stage's
+               layers (9 sources x 2 statistics fp32 per token and layer), and the stored layer inputs
+               of the samples in flight (host, at most --host-memory)
+  host peak    the largest of the phases capture (rank 0), gradient pass and layer loop, each with the
+               runtime, weights and what that phase holds
+  device peak  (CUDA) max(layer work, the gradient pass's device part): one layer at a time is there
+Not modelled: allocator slack and fragmentation (the CUDA caching allocator's reserve beyond
+max_memory_allocated), the kernels' own workspaces, and spill files (disk, not RAM).
 """
 from __future__ import annotations
 
@@ -29,12 +47,16 @@ from dataclasses import dataclass, field
 
 from tlq.adapters import adapter_for_model_type, get_submodule
 from tlq.calib.config import CalibConfig
+from tlq.calib.group_inputs import token_batches
 from tlq.errors import TLQError
 
 ASSUMED_TOKENS_PER_SAMPLE = 1024
 RUNTIME_BYTES = 480 * 2**20  # a calibrating process without its tensors: measured 480-530 MiB RSS on CPU
 CAPTURE_BYTES = 100 * 2**20  # rank 0: processor, encoded samples, capture (measured ~110 MiB, 32 samples)
+DEFAULT_HOST_MEMORY_GIB = 16.0
+F32 = 4
 GIB = 2**30
+RAW_IMPORTANCE_BYTES = 2 * F32  # per token, layer and gradient source: mean |g| and mean g^2
 
 
 @dataclass
@@ -51,6 +73,7 @@ class RankEstimate:
     gradients: int
     host_peak: int
     device_peak: int | None
+    spilled: bool = False  # the streams exceed --host-memory: the run keeps them in files
 
 
 @dataclass
@@ -65,7 +88,19 @@ class MemoryEstimate:
     tokens: int
     longest: int
     tokens_exact: bool
+    host_memory_gib: float = DEFAULT_HOST_MEMORY_GIB
     ranks: list[RankEstimate] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GroupShape:
+    """One linear group of a decoder layer: K inputs, each linear's outputs, whether input scaling
+    can fold a scale into its previous op (tlq/calib/input_scaling.can_fold)."""
+
+    K: int
+    outs: tuple[int, ...]
+    foldable: bool
+    prev_is_linear: bool
 
 
 def _source(cfg: CalibConfig):
@@ -95,44 +130,146 @@ def _sizes(model, source) -> dict[str, tuple[int, int]]:
 
 
 def calibration_lengths(cfg: CalibConfig, source, tokens_per_sample: int | None) -> tuple[list[int], bool]:
-    """Tokens per calibration sample, and whether they were counted (True) or assumed."""
+    """Tokens per calibration sample, and whether they were counted (True) or stated/assumed (False).
+
+    With `tokens_per_sample` the calibration set is `cfg.max_samples` samples of that length (the
+    bundled set's size without --max-samples), whatever the folder holds."""
     from tlq.calib.phases import load_samples
+    if tokens_per_sample is not None:
+        if tokens_per_sample < 1:
+            raise TLQError(f"--tokens-per-sample must be at least 1, not {tokens_per_sample}")
+        count = cfg.max_samples if cfg.max_samples is not None else len(load_samples(cfg))
+        return [tokens_per_sample] * count, False
     samples = load_samples(cfg)
-    if tokens_per_sample is None:
-        try:
-            processor = source.load_processor()
-        except Exception:  # noqa: BLE001 - no processor in a config-only folder: assume
-            processor = None
-        if processor is not None:
-            from tlq.data.processing import encode_sample
-            return [int(encode_sample(processor, s)["input_ids"].shape[-1]) for s in samples], True
-    return [tokens_per_sample or ASSUMED_TOKENS_PER_SAMPLE] * len(samples), False
+    try:
+        processor = source.load_processor()
+    except Exception:  # noqa: BLE001 - no processor in a config-only folder: assume
+        processor = None
+    if processor is not None:
+        from tlq.data.processing import encode_sample
+        return [int(encode_sample(processor, s)["input_ids"].shape[-1]) for s in samples], True
+    return [ASSUMED_TOKENS_PER_SAMPLE] * len(samples), False
 
 
-def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | None = None) -> MemoryEstimate:
+def search_tokens(lengths: list[int], budget: int) -> int:
+    """Tokens of the search subset (tlq/calib/group_inputs.search_samples) at most: every token when
+    they fit the budget, else whole samples up to it (the first drawn sample always)."""
+    total = sum(lengths)
+    return total if total <= budget else max(budget, max(lengths))
+
+
+def _groups(adapter, layer) -> list[GroupShape]:
+    from torch import nn
+    out = []
+    for g in adapter.linear_groups:
+        shapes = [get_submodule(layer, n).weight.shape for n in g.names]
+        prev = get_submodule(layer, g.prev_op) if g.prev_op else None
+        out.append(GroupShape(int(shapes[0][1]), tuple(int(s[0]) for s in shapes),
+                              prev is not None and prev.weight.shape[0] == shapes[0][1],
+                              isinstance(prev, nn.Linear)))
+    return out
+
+
+def spills(tokens: int, hidden: int, b: int, budget: int) -> bool:
+    """The layer loop keeps its streams in files when h_q, h_fp and y_fp (3 S) exceed --host-memory
+    (tlq/calib/streams.py); each is then read and written one sample at a time."""
+    return 3 * tokens * hidden * b > budget
+
+
+def solve_bytes(K: int, N: int, corrected: bool, act_order: bool) -> int:
+    """Peak of solving one linear [N, K] from its group's statistics (tlq/quant/weighted_gptq.py,
+    statistics.py, gptq.py): exposure factor beside M and C (3 Q) with the target's N x K temporaries;
+    the GPTQ factor made from M in place while its Cholesky factor is new (4 Q; act-order permutes
+    M into 2 more); then GPTQ with C, the exposure factor and U (3 Q) and the weight, its target,
+    the working copy, codes, Q and the lazy update (6 N x K)."""
+    q, nk = K * K * F32, N * K * F32
+    permute = 2 * q if act_order else 0
+    if corrected:
+        return max(3 * q + 4 * nk, 4 * q + permute + 2 * nk, 3 * q + 6 * nk)
+    return max(2 * q + permute + nk, q + 5 * nk)
+
+
+def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: int, longest: int, hidden: int,
+                     intermediate: int, layer: int, b: int) -> tuple[int, int]:
+    """(where the layer is calibrated, host's gathered batches) of calibrating one decoder layer.
+
+    On CPU both are the same memory: the first value is then host memory beyond the weights."""
+    from tlq.calib.input_scaling import resolve_scaling
+    method, scheme = cfg.method, cfg.scheme
+    cuda = cfg.device.startswith("cuda")
+    corrected, aq = method.exposure == "corrected", not scheme.weight_only
+    weighted = method.importance != "uniform"
+    scaling = resolve_scaling(method.input_scaling, scheme.weight_only)
+    gptq = method.solver == "gptq"
+    float_copy = layer if method.exposure in ("corrected", "fp") else 0  # the deep copy of the float layer
+    own = layer if cuda else 0  # on CPU the layer is the weights already counted
+    forward = longest * (4 * hidden + 3 * intermediate) * b  # one sample through the layer, up to a linear
+    work = host = 0
+    for g in groups:
+        K, N, n_sum = g.K, max(g.outs), sum(g.outs)
+        q, rows = K * K * F32, st * K * F32
+        solve = solve_bytes(K, N, corrected, cfg.act_order) if gptq else 3 * N * K * F32
+        # input-scale search, then (judge "solver") the solve it is judged by, on the st tokens
+        if scaling == "awq" and g.foldable:
+            Ws = n_sum * K * F32
+            if method.scale_search.block_loss:
+                search = rows + 3 * N * K * F32 + st * hidden * (b + 3 * F32) + forward
+            elif scheme.weight_only and method.scale_search.loss == "mse" and K < st:
+                search = q + max(rows, 4 * N * K * F32)  # the Hessian form of the linear's loss
+            else:  # outputs of every linear, the scaled inputs, the rounded weight and its output error
+                search = st * n_sum * F32 + rows + 3 * N * K * F32 + 3 * st * N * F32
+            judge = 0
+            if method.scale_search.judge == "solver":
+                inputs = (1 + corrected) * rows * 2  # X (and X_fp) and their scaled copies
+                accumulate = (2 if corrected else 1) * q + weighted * rows
+                judge = inputs - rows + max(accumulate, solve, 3 * q + 2 * N * K * F32 + 4 * st * N * F32)
+            work = max(work, own + rows + Ws + max(search, judge))
+            host = max(host, 2 * rows * (1 + corrected))  # gathered on the CPU (list + concatenation)
+        if scaling == "smoothquant" and g.foldable and not g.prev_is_linear:
+            work = max(work, own + rows + n_sum * K * F32)
+        # streamed statistics: one batch gathered (and its float-path twin), weighted copy; M and C
+        batch = bt * K * F32
+        clip_rows = rows if method.clip_search else 0
+        stats = (2 if corrected else 1) * q
+        gathered = (2 + corrected + aq) * batch  # list + concatenation of X, then X_fp beside X
+        on_device = (1 + corrected + weighted) * batch  # X, X_fp and the weighted X in `add`
+        streaming = stats + (on_device + forward if cuda else max(gathered, on_device)) + clip_rows
+        work = max(work, own + float_copy + streaming, own + float_copy + clip_rows + solve)
+        host = max(host, gathered + 2 * clip_rows)
+    return work, (host if cuda else 0)
+
+
+def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | None = None,
+                    host_memory_gib: float | None = None) -> MemoryEstimate:
     """Per-rank peak memory of `tlq calibrate` with `nproc` ranks (no weights are read)."""
     from tlq.multirank.context import DistConfig
     from tlq.multirank.plan import is_head, layer_index, plan_stages
     from tlq.multirank.stage_model import build_skeleton
 
+    if host_memory_gib is None:
+        host_memory_gib = getattr(cfg, "host_memory", DEFAULT_HOST_MEMORY_GIB)
+    budget_bytes = int(host_memory_gib * GIB)
     source = _source(cfg)
     adapter, method, scheme = source.adapter, cfg.method, cfg.scheme
     model = build_skeleton(source)
     sizes = _sizes(model, source)
-    stages = plan_stages({k: b for k, (_, b) in sizes.items()}, adapter, nproc)
+    stages = plan_stages({k: nb for k, (_, nb) in sizes.items()}, adapter, nproc)
     lengths, exact = calibration_lengths(cfg, source, tokens_per_sample) if method.needs_data else ([], True)
     tokens, longest = sum(lengths), max(lengths, default=0)
     layer0 = adapter.layers(model)[0]
+    groups = _groups(adapter, layer0)
     linears = {n: get_submodule(layer0, n).weight.shape for n in adapter.linear_names()}
-    hidden = linears[adapter.linear_groups[0].names[0]][1]
-    widest = max(linears, key=lambda n: linears[n][1])
-    n_out, k_max = linears[widest]
+    hidden = groups[0].K
+    intermediate = max(g.K for g in groups)
+    head_dim = getattr(get_submodule(layer0, adapter.attn_module), "head_dim", hidden // 8)
     vocab = get_submodule(model, adapter.lm_head).weight.shape[0]
     b = get_submodule(model, adapter.lm_head).weight.element_size()
     # the gradient pass of an fp16 model computes in fp32 (importance.gradient_dtype): twice the bytes
     gb = 4 if str(get_submodule(model, adapter.lm_head).weight.dtype) == "torch.float16" else b
     stream = tokens * hidden * b
-    corrected = method.exposure == "corrected"
+    kwargs = tokens * 2 * head_dim * b  # cos and sin of the rotary embedding, per sample
+    bt = max((sum(lengths[i] for i in batch) for batch in token_batches(lengths, cfg.batch_tokens)), default=0)
+    st = search_tokens(lengths, cfg.search_tokens) if lengths else 0
     per_layer, codes, packed = {}, {}, {}
     for name, (numel, nbytes) in sizes.items():
         i = layer_index(name, adapter)
@@ -142,44 +279,59 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
         linear = _linear_of(name, adapter)
         if linear is not None:
             rows, cols = linears[linear]
-            groups = rows * math.ceil(cols / (cols if scheme.group_size == -1 else scheme.group_size))
+            ngroups = rows * math.ceil(cols / (cols if scheme.group_size == -1 else scheme.group_size))
             zeros = 0 if scheme.symmetric else 1
             # a layer just calibrated: int32 codes, fp32 scales, int32 zeros; then packed
-            codes[i] = codes.get(i, 0) + numel * 4 + groups * 4 * (1 + zeros)
-            packed[i] = packed.get(i, 0) + (numel + groups * zeros) * scheme.bits // 8 + groups * b
+            codes[i] = codes.get(i, 0) + numel * 4 + ngroups * 4 * (1 + zeros)
+            packed[i] = packed.get(i, 0) + (numel + ngroups * zeros) * scheme.bits // 8 + ngroups * b
+    vision = sum(nb for k, (_, nb) in sizes.items()
+                 if any(k == v or k.startswith(v + ".") for v in adapter.vision_modules))
     extras_first = sum(nb for k, (_, nb) in sizes.items() if layer_index(k, adapter) is None and not is_head(k, adapter))
     extras_last = sum(nb for k, (_, nb) in sizes.items() if is_head(k, adapter))
-    budget = DistConfig.from_env().fp_prefetch_mb * 2**20
+    prefetch = DistConfig.from_env().fp_prefetch_mb * 2**20
+    cuda = cfg.device.startswith("cuda")
     est = MemoryEstimate(str(cfg.model), adapter.name, str(source.dtype).replace("torch.", ""), method.name,
-                         scheme.name, cfg.device, len(lengths), tokens, longest, exact)
+                         scheme.name, cfg.device, len(lengths), tokens, longest, exact, host_memory_gib)
     for r, stage in enumerate(stages):
+        first, last = r == 0, r == nproc - 1
         weights = sum(per_layer[i] for i in stage)
-        extras = (extras_first if r == 0 else 0) + (extras_last if r == nproc - 1 else 0)
-        ahead = 0
-        if nproc > 1 and method.needs_data and (r > 0 or not method.needs_gradients) and stream:
-            ahead = min(len(stage), int(budget // stream)) * stream
-        streams = (4 + (r == 0)) * stream + ahead if method.needs_data else 0
-        copies = 2 + corrected + (not scheme.weight_only)  # list + concatenation, FP inputs, int8 fake-quant
-        acts = tokens * k_max * 4 * copies
-        hess = k_max * k_max * 4 * (6 if corrected else 3) + n_out * k_max * 4 * 3
+        extras = (extras_first if first else 0) + (extras_last if last else 0)
         layer = max(per_layer[i] for i in stage)
-        layer_work = acts + hess + layer * (2 if corrected else 1) if method.needs_data else n_out * k_max * 4
-        # packed as each layer finishes (tlq/calib/assemble.py `packer`), one layer's int32 codes meanwhile
         results = sum(packed.get(i, 0) for i in stage) + max(codes.get(i, 0) for i in stage)
-        in_flight = graph = 0
+        base = RUNTIME_BYTES + weights + extras - (vision if first else 0)  # the tower is dropped after capture
+        if not method.needs_data:  # RTN: each linear read, rounded and packed
+            work = 3 * max(n * k for n, k in linears.values()) * F32
+            host = base + results + (0 if cuda else work)
+            est.ranks.append(RankEstimate(r, stage, weights, extras, 0, work, results, 0, int(host),
+                                          int(work) if cuda else None))
+            continue
+        stage_layers = len(stage) if method.needs_gradients else len(per_layer)  # uniform: every layer's keys
+        token_weights = tokens * 2 * F32 * stage_layers  # (layer, attn/mlp) -> [T] fp32
+        ahead = 0
+        if nproc > 1 and (r > 0 or not method.needs_gradients):
+            ahead = min(len(stage), int(prefetch // stream)) * stream
+        held = 0 if nproc == 1 else (1 if first else 2) * stream
+        spilled = spills(tokens, hidden, b, budget_bytes)
+        streams = held + ahead + (3 * longest * hidden * b if spilled else 4 * stream)
+        work, gathered = layer_work_bytes(groups, cfg, bt, st, longest, hidden, intermediate, layer, b)
+        loop = base + kwargs + token_weights + streams + results + (gathered if cuda else work)
+        capture = base + (vision if first else 0) + CAPTURE_BYTES + stream + kwargs if first else 0
+        grad_device = grad_host = 0
         if method.needs_gradients:
-            in_flight = (nproc - r) * len(stage) * longest * hidden * gb  # stored on the host
-            graph = (layer * gb // b + longest * (4 * hidden + 3 * n_out) * gb * 2
-                     + (3 * longest * vocab * 4 if r == nproc - 1 else 0))
-        grads = in_flight + graph
-        base = (RUNTIME_BYTES + (CAPTURE_BYTES if r == 0 and method.needs_data else 0) + weights + extras
-                + streams + results)
-        if cfg.device.startswith("cuda"):
-            device_peak, host_peak = max(layer_work, graph), base + in_flight
-        else:
-            device_peak, host_peak = None, base + max(layer_work, grads)
-        est.ranks.append(RankEstimate(r, stage, weights, extras, streams, layer_work, results, grads,
-                                      int(host_peak), None if device_peak is None else int(device_peak)))
+            in_flight = (nproc - r) * len(stage) * longest * hidden * gb
+            graph = longest * (8 * hidden + 4 * intermediate) * gb * 2  # activations and their gradients
+            logits = longest * vocab * (3 * F32 + 2 * gb) if last else 0
+            upcast = (layer + (extras_last if last else 0)) * (gb // b - 1)  # fp16 -> fp32 copies
+            grad_device = layer * gb // b + graph + logits + ((extras_last * gb // b) if last else 0)
+            raw = tokens * RAW_IMPORTANCE_BYTES * 9 * len(stage)
+            grad_host = (base + kwargs + stream + raw + in_flight  # + rank 0's capture, the others' FP entry
+                         + (0 if cuda else graph + logits + upcast))
+        gradients = grad_device if cuda else grad_host - base
+        host_peak = max(loop, capture, grad_host)
+        device_peak = max(work, grad_device) if cuda else None
+        est.ranks.append(RankEstimate(r, stage, weights, extras, streams + kwargs + token_weights, work, results,
+                                      int(gradients), int(host_peak), None if device_peak is None else int(device_peak),
+                                      spilled=spilled))
     return est
 
 
@@ -194,18 +346,22 @@ def _gib(n: int | None) -> str:
 
 def format_estimate(est: MemoryEstimate) -> str:
     tokens = (f"{est.samples} samples, {est.tokens} tokens (longest {est.longest})" if est.tokens_exact else
-              f"{est.samples} samples x {est.longest} tokens ASSUMED (no processor in the model folder)")
+              f"{est.samples} samples x {est.longest} tokens ASSUMED (stated, or no processor in the model folder)")
     lines = [(f"peak memory estimate (GiB): {est.model} ({est.arch}, {est.dtype}), {est.method} {est.scheme}, "
               f"device {est.device}, {len(est.ranks)} rank(s)"),
              f"calibration: {tokens}" if est.samples else "calibration: none (RTN)"]
     cols = ("rank", "layers", "weights", "extras", "streams", "layer work", "results", "gradients",
             "host peak", "device peak")
-    rows = [[str(r.rank), f"{r.layers.start}-{r.layers.stop - 1}", _gib(r.weights), _gib(r.extras), _gib(r.streams),
-             _gib(r.layer_work), _gib(r.results), _gib(r.gradients), _gib(r.host_peak), _gib(r.device_peak)]
+    rows = [[str(r.rank), f"{r.layers.start}-{r.layers.stop - 1}", _gib(r.weights), _gib(r.extras),
+             _gib(r.streams) + ("*" if r.spilled else ""), _gib(r.layer_work), _gib(r.results), _gib(r.gradients),
+             _gib(r.host_peak), _gib(r.device_peak)]
             for r in est.ranks]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     lines += [fmt(cols)] + [fmt(row) for row in rows]
     lines.append("extras: rank 0 vision tower + projector + embeddings, last rank final norm + lm_head; "
                  "device peak only for --device cuda (one layer at a time is on the GPU)")
+    if any(r.spilled for r in est.ranks):
+        lines.append(f"* streams above --host-memory {est.host_memory_gib:g} GiB are kept in files in the work "
+                     "folder (disk, not RAM)")
     return "\n".join(lines)
