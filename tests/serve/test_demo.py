@@ -43,8 +43,8 @@ def test_engine_crash_at_the_first_question_is_named_and_its_log_kept(tmp_path, 
 @pytest.mark.slow
 @no_vllm
 def test_demo_runs_every_phase(tmp_path, monkeypatch, fixture_cache):
-    from tlq.commands.demo import DemoConfig, run_demo
     from serve.process import port_in_use
+    from tlq.commands.demo import DemoConfig, run_demo
     monkeypatch.setenv("TLQ_CACHE", str(fixture_cache))
     port = next(p for p in range(18470, 18500) if not port_in_use("127.0.0.1", p))
     lines = []

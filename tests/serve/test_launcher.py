@@ -1,6 +1,7 @@
 """Foreground `tlq serve` without vLLM: CLI parsing, the banner, SIGTERM forwarding to a stand-in server."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -43,6 +44,30 @@ RUNNER = textwrap.dedent("""
     sys.exit(serve_forever(ServeConfig(model=Path(sys.argv[1]), port=port, run_dir=Path(sys.argv[4]),
                                        verify=False, device="cpu")))
 """)
+
+
+@contextlib.contextmanager
+def foreground_serve(model, tmp_path, server_script: str):
+    """`serve_forever` (RUNNER) in its own session over a stand-in server; yields once it printed its banner.
+
+    Yields (runner, port, out, err): the runner Popen and the files holding its stdout and stderr.
+    """
+    from serve.process import port_in_use
+    port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    with open(out, "wb") as f, open(err, "wb") as e:
+        runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(model), str(port), server_script,
+                                   str(tmp_path / "run")], stdout=f, stderr=e, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "TLQ server ready" not in out.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, out.read_text() + err.read_text()
+            time.sleep(0.2)
+        yield runner, port, out, err
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
 
 
 def test_cli_passes_options_through(qwen2_vl_dir, monkeypatch):
@@ -91,33 +116,17 @@ def test_banner_without_and_with_a_key(qwen2_vl_dir):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_is_forwarded_and_nothing_is_left(qwen2_vl_dir, tmp_path, sig):
     import psutil
-
-    from serve.process import port_in_use
-    port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
-    out = tmp_path / "out.log"
-    with open(out, "wb") as f:
-        runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(qwen2_vl_dir), str(port), FAKE_SERVER,
-                                   str(tmp_path / "run")], stdout=f, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while "TLQ server ready" not in out.read_text():
-            assert runner.poll() is None and time.monotonic() < deadline, out.read_text()
-            time.sleep(0.2)
+    with foreground_serve(qwen2_vl_dir, tmp_path, FAKE_SERVER) as (runner, _port, out, err):
         kids = psutil.Process(runner.pid).children(recursive=True)
         assert len(kids) >= 2  # the stand-in server and its own child
         runner.send_signal(sig)
-        assert runner.wait(30) == 0, out.read_text()
+        assert runner.wait(30) == 0, out.read_text() + err.read_text()
         _, alive = psutil.wait_procs(kids, timeout=10)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
         text = out.read_text()
         assert f"got {sig.name}: server stopped" in text
         assert "numerics: exact W4A16 on CPU" in text
         assert f"fake server got {sig.name}" in (tmp_path / "run" / "server.log").read_text()
-    finally:
-        if runner.poll() is None:
-            os.killpg(runner.pid, signal.SIGKILL)
-            runner.wait()
 
 
 def test_engine_death_ends_tlq_serve_with_one_line_and_keeps_the_log(qwen2_vl_dir, tmp_path):
@@ -126,19 +135,10 @@ def test_engine_death_ends_tlq_serve_with_one_line_and_keeps_the_log(qwen2_vl_di
     import psutil
 
     from serve.process import port_in_use
-    port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
-    out, err = tmp_path / "out.log", tmp_path / "err.log"
     (tmp_path / "run").mkdir()  # a reused --run-dir: an earlier run's crash in the log is not this one's
     (tmp_path / "run" / "server.log").write_text("[tlq] vLLM process exited: Old_0 pid 1 killed by SIGSEGV\n"
                                                  "Fatal Python error: Segmentation fault\n")
-    with open(out, "wb") as f, open(err, "wb") as e:
-        runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(qwen2_vl_dir), str(port), ENGINE_SERVER,
-                                   str(tmp_path / "run")], stdout=f, stderr=e, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while "TLQ server ready" not in out.read_text():
-            assert runner.poll() is None and time.monotonic() < deadline, out.read_text() + err.read_text()
-            time.sleep(0.2)
+    with foreground_serve(qwen2_vl_dir, tmp_path, ENGINE_SERVER) as (runner, port, _out, err):
         kids = psutil.Process(runner.pid).children(recursive=True)
         (server,) = [k for k in kids if k.ppid() == runner.pid]
         (engine,) = server.children()
@@ -156,10 +156,6 @@ def test_engine_death_ends_tlq_serve_with_one_line_and_keeps_the_log(qwen2_vl_di
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
         assert "Fatal Python error: Illegal instruction" in (tmp_path / "run" / "server.log").read_text()
         assert not port_in_use("127.0.0.1", port)
-    finally:
-        if runner.poll() is None:
-            os.killpg(runner.pid, signal.SIGKILL)
-            runner.wait()
 
 
 @pytest.mark.parametrize("engine_dies", [False, True])
@@ -191,28 +187,13 @@ def test_run_folder_is_removed_only_after_a_clean_run(qwen2_vl_dir, monkeypatch,
 def test_api_server_killed_is_named(qwen2_vl_dir, tmp_path):
     """The OOM killer takes the API server itself: tlq serve says so in its one line and exits non-zero."""
     import psutil
-
-    from serve.process import port_in_use
-    port = next(p for p in range(18440, 18500) if not port_in_use("127.0.0.1", p))
-    out, err = tmp_path / "out.log", tmp_path / "err.log"
-    with open(out, "wb") as f, open(err, "wb") as e:
-        runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(qwen2_vl_dir), str(port), ENGINE_SERVER,
-                                   str(tmp_path / "run")], stdout=f, stderr=e, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while "TLQ server ready" not in out.read_text():
-            assert runner.poll() is None and time.monotonic() < deadline, out.read_text() + err.read_text()
-            time.sleep(0.2)
+    with foreground_serve(qwen2_vl_dir, tmp_path, ENGINE_SERVER) as (runner, _port, _out, err):
         (server,) = psutil.Process(runner.pid).children()
         server.kill()
         assert runner.wait(30) == 1
         (line,) = [ln for ln in err.read_text().splitlines() if ln.startswith("tlq serve:")]
         assert line.startswith(f"tlq serve: the vLLM server died: the API server (pid {server.pid}) was killed by "
                                "SIGKILL; log: "), line
-    finally:
-        if runner.poll() is None:
-            os.killpg(runner.pid, signal.SIGKILL)
-            runner.wait()
 
 
 def test_stop_does_not_wait_out_the_grace_once_the_engine_is_gone(qwen2_vl_dir, monkeypatch):
