@@ -362,6 +362,7 @@ def model_runs(args) -> list[tuple[str, argparse.Namespace]]:
         if OUTLIER_PRESETS[args.outliers] is not None:
             model = ensure_outlier_model(model, OUTLIER_PRESETS[args.outliers])
         out = args.out / arch
+        model = servable_copy(model, out / "float-model")
         n = args.calib_samples or 32
         out.mkdir(parents=True, exist_ok=True)
         calib = args.calib or draw_calibration_subset(data / "calib.jsonl", out / f"calib-n{n}-seed{args.seed}.jsonl",
@@ -371,6 +372,31 @@ def model_runs(args) -> list[tuple[str, argparse.Namespace]]:
                                                    "data": args.data or data / "test.jsonl", "calib": calib,
                                                    "calib_samples": n})))
     return runs
+
+
+def servable_copy(model: Path, copy: Path) -> Path:
+    """`model`, or a copy in vLLM's weight layout when transformers 5 saved SigLIP without `vision_model.`.
+
+    The trained fixtures are saved by transformers (benchmarks/fixtures/train.py), which drops that
+    level of a LLaVA-OneVision vision tower; vLLM refuses such a folder. The tiny fixtures get the
+    same renaming when they are built (tlq.fixtures.llava_onevision).
+    """
+    import shutil
+
+    from safetensors import safe_open
+
+    from tlq.fixtures.llava_onevision import nest_vision_model_keys
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        flat = any(k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") for k in f.keys())  # noqa: SIM118 - safe_open is not iterable
+    if not flat:
+        return model
+    if not (copy / "config.json").is_file():
+        tmp = copy.with_name(f".{copy.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model, tmp)
+        nest_vision_model_keys(tmp / "model.safetensors")
+        tmp.rename(copy)
+    return copy
 
 
 def run_model(title: str, args) -> list[dict]:
