@@ -40,18 +40,42 @@ def short_path(path: str, parts: int = 2) -> str:
     return "/".join(Path(path).parts[-parts:])
 
 
+# frames that only dispatch an operator: the frame worth naming is the first one below them
+_DISPATCH_FUNCS = {"__call__", "__torch_function__", "_call_impl", "_wrapped_call_impl"}
+
+
+def _frame(m: re.Match) -> str:
+    return f"{short_path(m['path'])}:{m['line']} in {m['func']}"
+
+
 def fatal_signal(lines: list[str]) -> tuple[str, str | None] | None:
-    """(signal name, innermost frame) of the last faulthandler report in `lines`, or None."""
+    """(signal name, where) of the last faulthandler report in `lines`, or None.
+
+    faulthandler lists every thread, the crashing one last under "Current thread"; its first frame
+    is the innermost. Inside torch's operator dispatch that frame says little, so the first caller
+    outside it is added ("torch/_ops.py:1279 in __call__, called from vllm/_custom_ops.py:... in cpu_gemm_wna16").
+    """
     for i in range(len(lines) - 1, -1, -1):
         if "Fatal Python error: " not in lines[i]:
             continue
         what = lines[i].split("Fatal Python error: ", 1)[1].strip()
         name = FAULTHANDLER_SIGNALS.get(what, what)
-        for line in lines[i + 1:i + 40]:  # the first frame under "Current thread ... (most recent call first)"
+        block = lines[i + 1:i + 2000]
+        headers = [j for j, ln in enumerate(block) if ln.startswith(("Current thread ", "Thread "))]
+        current = next((j for j in headers if block[j].startswith("Current thread ")), headers[0] if headers else None)
+        frames = []
+        for line in block[current + 1:] if current is not None else []:
             m = _FRAME.match(line)
-            if m:
-                return name, f"{short_path(m['path'])}:{m['line']} in {m['func']}"
-        return name, None
+            if not m:  # "<no Python frame>", or the blank line that ends the thread's block
+                break
+            frames.append(m)
+        if not frames:
+            return name, None
+        where = _frame(frames[0])
+        caller = next((m for m in frames if "/torch/" not in m["path"] and m["func"] not in _DISPATCH_FUNCS), None)
+        if caller is not None and caller is not frames[0]:
+            where += f", called from {_frame(caller)}"
+        return name, where
     return None
 
 
