@@ -116,5 +116,5 @@ def open_target(target: str, port: int, api_key: str | None = None, model: str |
         except BaseException:
             echo(f"  {server.status_line()}")
             raise
-        if server.failed():
+        if server.failed() and not server.keep_log:  # keep_log: the caller has said why already
             echo(f"  {server.status_line()}")

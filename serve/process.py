@@ -108,6 +108,7 @@ class ServerProcess:
         self.started_at = 0.0
         self.ready_after: float | None = None
         self._log_start = 0
+        self.keep_log = False  # set by a caller whose work failed without an exception (e.g. request errors)
 
     # -- properties -------------------------------------------------------------
     @property
@@ -240,12 +241,12 @@ class ServerProcess:
         """Forward `sig` to the server, SIGKILL its process group after `grace` s; idempotent.
 
         The run folder we created is removed only after a clean run: ready, still healthy when
-        stopped, and `keep_log` false (callers pass True when their own work failed).
+        stopped, and neither `keep_log` nor the attribute keep_log set (callers whose work failed).
         """
         if self.proc is None:
             return None
         self._record_descendants()
-        clean = self.ready_after is not None and not self.failed() and not keep_log
+        clean = self.ready_after is not None and not self.failed() and not (keep_log or self.keep_log)
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, sig)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,8 +159,8 @@ def test_engine_death_ends_tlq_serve_with_one_line_and_keeps_the_log(qwen2_vl_di
         assert not port_in_use("127.0.0.1", port)
 
 
-@pytest.mark.parametrize("engine_dies", [False, True])
-def test_run_folder_is_removed_only_after_a_clean_run(qwen2_vl_dir, monkeypatch, engine_dies):
+@pytest.mark.parametrize("ending", ["clean", "engine dies", "caller failed"])
+def test_run_folder_is_removed_only_after_a_clean_run(qwen2_vl_dir, monkeypatch, ending):
     import psutil
 
     from serve.process import ServerProcess, port_in_use
@@ -170,7 +171,8 @@ def test_run_folder_is_removed_only_after_a_clean_run(qwen2_vl_dir, monkeypatch,
         server.start()
         server.wait_ready(timeout=60)
         assert not server.failed() and server.dead_processes() == []
-        if engine_dies:
+        server.keep_log = ending == "caller failed"  # e.g. tlq bench after request errors
+        if ending == "engine dies":
             (engine,) = psutil.Process(server.pid).children()
             engine.kill()
             engine.wait(10)
@@ -181,7 +183,9 @@ def test_run_folder_is_removed_only_after_a_clean_run(qwen2_vl_dir, monkeypatch,
             assert server.failure_reason().startswith(f"EngineCore_DP0 (pid {engine.pid}) killed by SIGKILL")
     finally:
         server.stop(grace=5.0)
-    assert server.log_path.exists() == engine_dies
+    assert server.log_path.exists() == (ending != "clean")
+    if ending != "clean":
+        shutil.rmtree(server.run_dir)
 
 
 def test_api_server_killed_is_named(qwen2_vl_dir, tmp_path):

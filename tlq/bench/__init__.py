@@ -61,6 +61,9 @@ def bench(targets: BenchTargets, cfg: BenchConfig, out: Path | None = None, echo
                  f"per round, {cfg.max_tokens} output tokens, {cfg.image_fraction:.0%} with an image")
             vllm_dir = None if out is None else Path(out) / "vllm" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
             runs[name] = run_bench(endpoint, cfg, echo=echo, result_dir=vllm_dir)
+            if endpoint.server is not None and any(lv["errors"] for lv in runs[name]["levels"]):
+                endpoint.server.keep_log = True  # a failed run keeps the server's log
+                echo(f"  requests failed: {endpoint.server.status_line()}")
         print_levels(runs[name], f"tlq bench: {name}")
     result = {"runs": runs}
     names = list(runs)
