@@ -163,3 +163,13 @@ def test_72b_fits_20_gib_with_a_smaller_search_subset(tmp_path):
     est = estimate_memory(_cfg(CONFIGS / "qwen2-vl-72b", tmp_path, device="cuda", max_samples=256,
                                search_tokens=4096), 4, 1024)
     assert max(r.device_peak for r in est.ranks) <= 20 * GIB
+
+
+def test_tokens_per_sample_is_for_the_dry_run_only(qwen2_vl_dir, tmp_path, capsys):
+    main(["calibrate", str(qwen2_vl_dir), "--out", str(tmp_path / "o"), "--dry-run", "--max-samples", "8",
+          "--tokens-per-sample", "300"])
+    assert "8 samples x 300 tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", str(qwen2_vl_dir), "--out", str(tmp_path / "o"), "--tokens-per-sample", "300"])
+    assert exc.value.code == 2 and "--tokens-per-sample only states" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
