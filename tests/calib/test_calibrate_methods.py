@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from calibrate_cli import calibrate_cli
 
 from tlq import calibrate
 from tlq.calib.config import METHODS, CalibConfig, get_method
@@ -39,18 +40,15 @@ def _tensor_hashes(path):
 
 
 def test_resume_after_kill_gives_identical_checkpoint(qwen2_vl_dir, tmp_path):
-    args = [sys.executable, "-m", "tlq", "calibrate", str(qwen2_vl_dir), "--method", "tlq", "--scheme",
-            "w4a16", "--max-samples", "4", "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    full = subprocess.run(args + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True)
+    flags = ("--method", "tlq", "--scheme", "w4a16", "--max-samples", "4")
+    full = calibrate_cli(qwen2_vl_dir, tmp_path / "full", *flags)
     assert full.returncode == 0, full.stderr
-    killed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], capture_output=True, text=True,
-                            env=dict(env, TLQ_TEST_DIE_AFTER_LAYER="0"))
+    killed = calibrate_cli(qwen2_vl_dir, tmp_path / "resumed", *flags, die_after_layer=0)
     assert killed.returncode == 17, killed.stderr
     assert not (tmp_path / "resumed").exists(), "nothing half-written may look like a checkpoint"
     work = tmp_path / ".resumed.work"
     assert (work / "layer_0000.pt").is_file() and not (work / "layer_0001.pt").exists()
-    resumed = subprocess.run(args + ["--out", str(tmp_path / "resumed")], env=env, capture_output=True, text=True)
+    resumed = calibrate_cli(qwen2_vl_dir, tmp_path / "resumed", *flags)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     assert _tensor_hashes(tmp_path / "full") == _tensor_hashes(tmp_path / "resumed")

@@ -3,14 +3,13 @@
 Runs on a real small tmpfs (mounted by the test; needs root and mount rights, as CI has here);
 tests/test_atomic.py fakes the same error without a mount.
 """
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
+from calibrate_cli import calibrate_cli
 
-from tlq.format.checkpoint import verify_checkpoint
+from tlq.multirank.writer import tensor_hashes
 
 
 @pytest.fixture
@@ -30,14 +29,11 @@ def folder_size(path):
 
 
 def test_full_disk_mid_run_then_resume(qwen2_vl_dir, tmp_path, small_disk):
-    args = [sys.executable, "-m", "tlq", "calibrate", str(qwen2_vl_dir), "--method", "gptq", "--scheme",
-            "w4a16", "--max-samples", "2", "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    clean = subprocess.run(args + ["--out", str(tmp_path / "clean")], env=env, capture_output=True, text=True)
+    flags = ("--method", "gptq", "--scheme", "w4a16", "--max-samples", "2")
+    clean = calibrate_cli(qwen2_vl_dir, tmp_path / "clean", *flags)
     assert clean.returncode == 0, clean.stderr
     # what the work folder holds after the first layer: room for that, not for the second layer
-    probe = subprocess.run(args + ["--out", str(tmp_path / "probe")], capture_output=True, text=True,
-                           env=dict(env, TLQ_TEST_DIE_AFTER_LAYER="0"))
+    probe = calibrate_cli(qwen2_vl_dir, tmp_path / "probe", *flags, die_after_layer=0)
     assert probe.returncode == 17, probe.stderr
     first_layer = folder_size(tmp_path / ".probe.work")
     free = shutil.disk_usage(small_disk).free
@@ -45,7 +41,7 @@ def test_full_disk_mid_run_then_resume(qwen2_vl_dir, tmp_path, small_disk):
     ballast.write_bytes(b"\0" * (free - int(first_layer * 1.5)))
 
     out = small_disk / "ckpt"
-    full = subprocess.run(args + ["--out", str(out)], env=env, capture_output=True, text=True)
+    full = calibrate_cli(qwen2_vl_dir, out, *flags)
     assert full.returncode == 2, full.stderr
     lines = [line for line in full.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
@@ -57,8 +53,7 @@ def test_full_disk_mid_run_then_resume(qwen2_vl_dir, tmp_path, small_disk):
     assert (work / "layer_0000.pt").is_file(), sorted(p.name for p in work.iterdir())
 
     ballast.unlink()  # space freed: the same command resumes and finishes
-    again = subprocess.run(args + ["--out", str(out)], env=env, capture_output=True, text=True)
+    again = calibrate_cli(qwen2_vl_dir, out, *flags)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
-    hashes = lambda p: verify_checkpoint(p).manifest["files"]["model.safetensors"]  # noqa: E731
-    assert hashes(out) == hashes(tmp_path / "clean")
+    assert tensor_hashes(out) == tensor_hashes(tmp_path / "clean")

@@ -1,9 +1,6 @@
 """Hidden-state streams spilled to the work folder above --host-memory: same checkpoint, same resume."""
-import os
-import subprocess
-import sys
-
 import torch
+from calibrate_cli import calibrate_cli
 
 import tlq
 from tlq.calib.streams import SampleStore, StreamFolder, should_spill, stream_bytes
@@ -35,16 +32,13 @@ def test_spill_decision():
 def test_spilled_run_gives_the_same_checkpoint_and_resumes(qwen2_vl_dir, tmp_path):
     ram = tlq.calibrate(qwen2_vl_dir, out=tmp_path / "ram", method="tlq", scheme="w4a16", max_samples=3,
                         progress=False)
-    args = [sys.executable, "-m", "tlq", "calibrate", str(qwen2_vl_dir), "--method", "tlq", "--scheme", "w4a16",
-            "--max-samples", "3", "--host-memory", "0", "--quiet", "--out", str(tmp_path / "disk")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    killed = subprocess.run(args, env=dict(env, TLQ_TEST_DIE_AFTER_LAYER="0"), capture_output=True, text=True,
-                            check=False)
+    flags = ("--method", "tlq", "--scheme", "w4a16", "--max-samples", "3", "--host-memory", "0")
+    killed = calibrate_cli(qwen2_vl_dir, tmp_path / "disk", *flags, die_after_layer=0)
     assert killed.returncode == 17, killed.stderr
     spilled = tmp_path / ".disk.work" / "streams"
     assert sorted(p.name for p in spilled.iterdir()) == ["L0000-fp", "L0000-q"]
     assert len(list((spilled / "L0000-q").iterdir())) == 3
-    resumed = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    resumed = calibrate_cli(qwen2_vl_dir, tmp_path / "disk", *flags)
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
     assert tensor_hashes(tmp_path / "disk") == tensor_hashes(ram)
     assert not (tmp_path / ".disk.work").exists()

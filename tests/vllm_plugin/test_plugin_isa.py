@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("vllm", reason="vllm is not importable here")
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("single_rank")]
 
 from tlq.format.checkpoint import pack_linear  # noqa: E402
 from tlq.quant.qparams import quantize_rtn  # noqa: E402
@@ -32,15 +32,6 @@ from vllm_plugin.weights import LoadedWeight  # noqa: E402
 
 DTYPE = torch.bfloat16
 AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"})
-
-
-@pytest.fixture(autouse=True)
-def single_rank(monkeypatch):
-    import vllm.model_executor.parameter as p
-    monkeypatch.setattr(p, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(p, "get_tensor_model_parallel_world_size", lambda: 1)
-    for env in ("TLQ_LINEAR_BACKEND", "TLQ_CPU_FAST_INT4"):
-        monkeypatch.delenv(env, raising=False)
 
 
 def weight(bits, group, sym, n=64, k=256, seed=0):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("vllm", reason="vllm is not importable here")
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("single_rank")]
 
 from tlq.errors import CheckpointError
 from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8, quantize_rtn
@@ -19,16 +19,6 @@ from vllm_plugin.spec import ServeSpec
 from vllm_plugin.weights import LoadedWeight
 
 DTYPE = torch.bfloat16
-
-
-@pytest.fixture(autouse=True)
-def single_rank(monkeypatch):
-    """vLLM parameters read the TP rank at construction; outside an engine there is one rank."""
-    import vllm.model_executor.parameter as p
-    monkeypatch.setattr(p, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(p, "get_tensor_model_parallel_world_size", lambda: 1)
-    for env in ("TLQ_LINEAR_BACKEND", "TLQ_CPU_FAST_INT4"):
-        monkeypatch.delenv(env, raising=False)
 
 
 def spec_of(bits, group, sym, act_bits=16, act_order=False):
