@@ -10,10 +10,10 @@ def _fmt(v, spec: str = ".1f") -> str:
 
 
 def console():
-    """A rich console at least 120 columns wide: logs and pipes would otherwise wrap tables at 80."""
+    """A rich console at least 160 columns wide: logs and pipes would otherwise wrap tables at 80."""
     from rich.console import Console
     c = Console()
-    return c if c.is_terminal else Console(width=max(c.width, 120))
+    return c if c.is_terminal else Console(width=max(c.width, 160))
 
 
 def print_levels(result: dict, title: str) -> None:
