@@ -222,3 +222,23 @@ def test_real_lmms_eval_end_to_end_matches_tlq_eval_then_resume(qwen2_vl_dir, bu
     (again,) = rm.main(argv)
     assert time.monotonic() - t0 < 60
     assert again == rec and (out / "real_models.md").read_text() == md
+
+
+def test_servable_copy_nests_siglip_keys_only_when_needed(tmp_path):
+    """The trained LLaVA-OV fixture (saved by transformers 5) gets vLLM's `vision_tower.vision_model.` layout."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    flat, nested = tmp_path / "flat", tmp_path / "nested"
+    for folder, key in ((flat, "vision_tower.embeddings.patch_embedding.weight"),
+                        (nested, "vision_tower.vision_model.embeddings.patch_embedding.weight")):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        save_file({key: torch.ones(2), "model.language_model.norm.weight": torch.zeros(2)},
+                  str(folder / "model.safetensors"))
+    assert rm.servable_copy(nested, tmp_path / "unused") == nested and not (tmp_path / "unused").exists()
+    copy = rm.servable_copy(flat, tmp_path / "copy")
+    assert copy == tmp_path / "copy" and (copy / "config.json").is_file()
+    assert set(load_file(copy / "model.safetensors")) == {
+        "vision_tower.vision_model.embeddings.patch_embedding.weight", "model.language_model.norm.weight"}
+    assert "vision_tower.embeddings.patch_embedding.weight" in load_file(flat / "model.safetensors")  # untouched
+    assert rm.servable_copy(flat, tmp_path / "copy") == copy  # made once
