@@ -24,8 +24,8 @@ per linear group K inputs, N outputs; Q = K x K fp32. Per rank:
                linear groups: the input-scale search and its solver judge on the st tokens (inputs,
                their scaled copies, M, C and the judge's solve); the streamed statistics (one batch
                of bt x K fp32 inputs, x2-3 while gathered, + M, C); the solve (exposure factor and
-               GPTQ factor in place: up to 4 Q for corrected exposure, 2 without; + N x K fp32 copies
-               of the weight, target, codes and GPTQ's working matrices); + the layer and, for
+               GPTQ factor: up to 5 Q for corrected exposure, 3 without, see solve_bytes; + N x K
+               fp32 copies of the weight, target, codes and GPTQ's working matrices); + the layer and, for
                corrected/fp exposure, its float copy. Where it lives: the device with --device cuda
                (the host then holds only the gathered batch), the host on CPU.
   results      the stage's quantized linears, held until the write: packed as each layer finishes,
@@ -178,15 +178,19 @@ def spills(tokens: int, hidden: int, b: int, budget: int) -> bool:
 
 def solve_bytes(K: int, N: int, corrected: bool, act_order: bool) -> int:
     """Peak of solving one linear [N, K] from its group's statistics (tlq/quant/weighted_gptq.py,
-    statistics.py, gptq.py): exposure factor beside M and C (3 Q) with the target's N x K temporaries;
-    the GPTQ factor made from M in place while its Cholesky factor is new (4 Q; act-order permutes
-    M into 2 more); then GPTQ with C, the exposure factor and U (3 Q) and the weight, its target,
-    the working copy, codes, Q and the lazy update (6 N x K)."""
+    statistics.py, gptq.py). Every factorisation "in place" (`out=` the input) still allocates one
+    K x K temporary (measured on CPU: torch computes into a column-major buffer, then copies).
+    Corrected exposure: the exposure target beside M, C and the exposure factor (3 Q) with the
+    target's N x K temporaries; the GPTQ factor, made from M while its Cholesky factor is new and
+    inverted / re-factored through one more temporary (5 Q; act-order keeps a permuted copy of M,
+    +1); then GPTQ with C, the exposure factor and U (3 Q) and the weight, its target, the working
+    copy, codes, Q and the lazy update (6 N x K). Without correction: M, the factor and the
+    temporary (3 Q), then U beside the N x K matrices."""
     q, nk = K * K * F32, N * K * F32
-    permute = 2 * q if act_order else 0
+    permute = q if act_order else 0
     if corrected:
-        return max(3 * q + 4 * nk, 4 * q + permute + 2 * nk, 3 * q + 6 * nk)
-    return max(2 * q + permute + nk, q + 5 * nk)
+        return max(3 * q + 4 * nk, 5 * q + permute + 2 * nk, 3 * q + 6 * nk)
+    return max(3 * q + permute + nk, q + 5 * nk)
 
 
 def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: int, longest: int, hidden: int,
