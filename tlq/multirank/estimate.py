@@ -219,9 +219,10 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
             if method.scale_search.block_loss:
                 search = rows + 3 * N * K * F32 + st * hidden * (b + 3 * F32) + forward
             elif scheme.weight_only and method.scale_search.loss == "mse" and K < st:
-                search = q + max(rows, 4 * N * K * F32)  # the Hessian form of the linear's loss
-            else:  # outputs of every linear, the scaled inputs, the rounded weight and its output error
-                search = st * n_sum * F32 + rows + 3 * N * K * F32 + 3 * st * N * F32
+                # the kept rows' copy and the weighted copy that builds the loss's Hessian (measured)
+                search = 2 * rows + q + 4 * N * K * F32
+            else:  # the kept rows' copy, every linear's outputs, the scaled inputs, the rounded weight
+                search = 2 * rows + st * n_sum * F32 + 3 * N * K * F32 + 3 * st * N * F32
             judge = 0
             if method.scale_search.judge == "solver":
                 inputs = (1 + corrected) * rows * 2  # X (and X_fp) and their scaled copies
