@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from tlq.adapters import adapter_for_model_type, get_submodule
 from tlq.calib.config import CalibConfig
 from tlq.calib.group_inputs import token_batches
+from tlq.calib.rss import MMAP_THRESHOLD
 from tlq.errors import TLQError
 
 ASSUMED_TOKENS_PER_SAMPLE = 1024
@@ -241,7 +242,11 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
         streaming = stats + (on_device + forward if cuda else max(gathered, on_device)) + clip_rows
         work = max(work, own + float_copy + streaming, own + float_copy + clip_rows + solve)
         host = max(host, gathered + 2 * clip_rows)
-    return work, (host if cuda else 0)
+    # Inputs are gathered per sample: blocks under glibc's mmap threshold (tlq/calib/rss.py) come from
+    # the heap, which keeps about one gather (st x K fp32) resident until the layer's trim (measured).
+    widest = max(g.K for g in groups)
+    slack = st * widest * F32 if longest * widest * F32 < MMAP_THRESHOLD else 0
+    return work + (0 if cuda else slack), (host + slack if cuda else 0)
 
 
 def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | None = None,
