@@ -22,6 +22,17 @@ def test_store_round_trip_on_disk_and_in_ram(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
+def test_entry_streams_keep_the_float_path_apart(tmp_path):
+    """A pipeline stage starts from different quantized and float streams: both survive spilling."""
+    from tlq.calib.layer_loop import spill_entry_streams
+    h_q = [torch.full((1, 2, 4), 1.0)]
+    h_fp = [torch.full((1, 2, 4), 2.0)]
+    q, fp = spill_entry_streams(h_q, h_fp, StreamFolder(tmp_path))
+    assert torch.equal(q[0], h_q[0]) and torch.equal(fp[0], h_fp[0]) and q.spilled and fp.spilled
+    same_q, same_fp = spill_entry_streams(h_q, h_q, StreamFolder(tmp_path / "first"))
+    assert same_q is same_fp
+
+
 def test_spill_decision():
     assert stream_bytes(1000, 256, torch.bfloat16) == 3 * 1000 * 256 * 2
     assert should_spill(10**6, 4096, torch.bfloat16, 16.0) is True  # 3 * 1e6 * 4096 * 2 B = 22.9 GiB

@@ -112,6 +112,13 @@ def _stream_from_ref(ref):
     return ref
 
 
+def spill_entry_streams(h_q, h_fp, streams: StreamFolder) -> tuple[SampleStore, SampleStore]:
+    """The loop's entry streams as spilled stores: one store when both are the same list (the
+    first layer), two when a pipeline stage starts from different quantized and float streams."""
+    q = SampleStore.from_tensors(h_q, streams.root / "entry-q")
+    return q, q if h_fp is h_q else SampleStore.from_tensors(h_fp, streams.root / "entry-fp")
+
+
 def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], weights: list[dict],
                    cfg: CalibConfig, work: WorkFolder, done: int, layer_range: range | None = None,
                    start_streams: tuple | None = None, progress: bool = True,
@@ -146,7 +153,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
     streams = StreamFolder(work.path / "streams" if should_spill(tokens, h_q[0].shape[-1], dtype, cfg.host_memory)
                            else None)
     if streams.root is not None and not isinstance(h_q, SampleStore):  # the entry streams move to disk too
-        h_q = h_fp = SampleStore.from_tensors(h_q, streams.root / "entry")
+        h_q, h_fp = spill_entry_streams(h_q, h_fp, streams)
         if start_streams is None:
             for s in samples:  # the captured copies are no longer read: free them
                 s.hidden = None
