@@ -12,8 +12,10 @@ batch gives exactly the matrices `X^T (w * X)` of the all-at-once formulas (bit-
 batches sum the same products in another order (equal within float rounding).
 
 `finish()` turns them into what the group's solvers share: the exposure factor (Cholesky of
-M / S + lam I, lam = damp * mean diag) and the GPTQ factor of H, computed in place, so at most
-three K x K buffers are alive for corrected exposure (M, C, and one factor) and two without.
+M / S + lam I, lam = damp * mean diag) and the GPTQ factor of H, computed in place. Device memory
+for corrected exposure: M, C and the exposure factor (3 K x K), then C moves to host memory while
+M becomes H and is factored (H + its factor + the exposure factor: 3), then H is freed; without
+exposure at most 2. On the CPU C simply stays (4 at the GPTQ factorisation).
 """
 from __future__ import annotations
 
@@ -109,14 +111,20 @@ class InputStatistics:
         self._check()
         if self.C is None:
             raise TLQError("exposure correction needs the float path's inputs; none were collected")
-        A = self.M / self.S
+        # column-major storage: LAPACK factors it in place (a row-major out= costs a K x K temporary)
+        K = self.M.shape[0]
+        A = torch.empty_strided((K, K), (1, K), dtype=self.M.dtype, device=self.M.device)
+        torch.div(self.M, self.S, out=A)
         lam = damp * torch.diag(A).mean().clamp(min=1e-12)
         A.diagonal().add_(lam)
         _, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
         if info != 0:
             raise TLQError("exposure correction: the exposed-input Gram matrix is singular; raise damp")
         self.C.div_(self.S)
-        self._exposure[damp] = ExposureFactor(A, self.C, lam)
+        # on a GPU, C waits in host memory while GPTQ's factor is built (one K x K less on the device)
+        C = self.C.cpu() if self.C.device.type != "cpu" else self.C
+        self.C = None
+        self._exposure[damp] = ExposureFactor(A, C, lam)
         return self._exposure[damp]
 
     def gptq_factor(self, damp: float, act_order: bool) -> HessianFactor:

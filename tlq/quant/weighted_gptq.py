@@ -48,7 +48,8 @@ def exposure_target(W: torch.Tensor, factor: ExposureFactor, strength: float = 1
     if strength == 0.0:
         return W.clone()
     # W* (A + lam I) = W C + lam W  (A symmetric)  ->  solve (A + lam I) W*^T = (W C + lam W)^T
-    W_star = torch.cholesky_solve((W @ factor.C + factor.lam * W).T, factor.L).T
+    C = factor.C.to(W.device)  # a device copy while this linear's target is formed (host-parked on GPUs)
+    W_star = torch.cholesky_solve((W @ C + factor.lam * W).T, factor.L).T
     return W + strength * (W_star - W)
 
 
