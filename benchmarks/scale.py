@@ -38,7 +38,7 @@ def write_calibration(folder: Path, samples: int, tokens_per_sample: int, seed: 
     from PIL import Image, ImageDraw
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    words = max(8, int((tokens_per_sample - 64) / 1.8))  # 64 image tokens; ~1.8 tokens per word here
+    words = max(8, int((tokens_per_sample - 64) / 1.5))  # 64 image tokens; ~1.5 tokens per word here
     lines = []
     for i in range(samples):
         image = folder / f"img-{i % 16:02d}.png"
@@ -56,10 +56,11 @@ def write_calibration(folder: Path, samples: int, tokens_per_sample: int, seed: 
     return path
 
 
-def calibrate(model: Path, calib: Path, out: Path, method: str, host_memory: float) -> dict:
+def calibrate(model: Path, calib: Path, out: Path, method: str, host_memory: float, search_tokens: int) -> dict:
     """One calibration in a fresh process: wall seconds, peak RSS (GiB), tokens, phase times."""
     cmd = [sys.executable, "-m", "tlq", "calibrate", str(model), "--calib", str(calib), "--out", str(out),
-           "--method", method, "--scheme", "w4a16", "--overwrite", "--quiet", "--host-memory", str(host_memory)]
+           "--method", method, "--scheme", "w4a16", "--overwrite", "--quiet", "--host-memory", str(host_memory),
+           "--search-tokens", str(search_tokens)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
     log = out.parent / f"{out.name}.log"
@@ -77,10 +78,12 @@ def calibrate(model: Path, calib: Path, out: Path, method: str, host_memory: flo
             "phases": report.get("phase_seconds", {})}
 
 
-def dry_run_host_gib(model: Path, calib: Path, out: Path, method: str, host_memory: float) -> float | None:
+def dry_run_host_gib(model: Path, calib: Path, out: Path, method: str, host_memory: float,
+                     search_tokens: int) -> float | None:
     """The `--dry-run` host peak of rank 0 (None when the table cannot be read)."""
     cmd = [sys.executable, "-m", "tlq", "calibrate", str(model), "--calib", str(calib), "--out", str(out),
-           "--method", method, "--scheme", "w4a16", "--dry-run", "--host-memory", str(host_memory)]
+           "--method", method, "--scheme", "w4a16", "--dry-run", "--host-memory", str(host_memory),
+           "--search-tokens", str(search_tokens)]
     text = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO,
                           env=dict(os.environ, OMP_NUM_THREADS="1")).stdout
     lines = text.splitlines()
@@ -106,6 +109,9 @@ def main() -> None:
     ap.add_argument("--tokens-per-sample", type=int, default=1024)
     ap.add_argument("--method", default="tlq")
     ap.add_argument("--host-memory", type=float, default=0.25, help="GiB; the streams spill above it")
+    ap.add_argument("--search-tokens", type=int, default=4096,
+                    help="the searches' token budget (sizes below it also grow the searches' memory)")
+    ap.add_argument("--no-ram-check", action="store_true", help="skip the largest size's rerun in RAM")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tlq-scale")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -120,8 +126,9 @@ def main() -> None:
         samples = max(1, total // args.tokens_per_sample)
         calib = write_calibration(args.work / "data", samples, args.tokens_per_sample)
         out = args.work / f"ckpt-{total}"
-        row = calibrate(model, calib, out, args.method, args.host_memory)
-        row["dry_gib"] = dry_run_host_gib(model, calib, args.work / "dry", args.method, args.host_memory)
+        row = calibrate(model, calib, out, args.method, args.host_memory, args.search_tokens)
+        row["dry_gib"] = dry_run_host_gib(model, calib, args.work / "dry", args.method, args.host_memory,
+                                          args.search_tokens)
         row["calib"], row["out"] = calib, out
         rows.append(row)
         print(f"  {row['tokens']:>7} tokens  {row['wall']:8.1f} s  peak RSS {row['rss_gib']:.2f} GiB  "
@@ -136,11 +143,12 @@ def main() -> None:
         ratio_text = "?" if dry is None else f"{dry / r['rss_gib']:.2f}x"
         print(f"{r['tokens']:>8} {r['wall']:>8.1f} {per_k:>10.2f} {per_k / (base['wall'] / base['tokens'] * 1000):>8.2f}x "
               f"{r['rss_gib']:>13.2f} {r['rss_gib'] / base['rss_gib']:>11.2f}x {dry_text:>12} {ratio_text:>14}")
-    last = rows[-1]
-    ram = calibrate(model, last["calib"], args.work / "ckpt-ram", args.method, 1024.0)
-    same = tensor_hashes(last["out"]) == tensor_hashes(args.work / "ckpt-ram")
-    print(f"\nlargest size with streams in RAM: {ram['wall']:.1f} s, peak RSS {ram['rss_gib']:.2f} GiB; "
-          f"checkpoint {'identical' if same else 'DIFFERENT'} to the spilled run")
+    last, same = rows[-1], None
+    if not args.no_ram_check:
+        ram = calibrate(model, last["calib"], args.work / "ckpt-ram", args.method, 1024.0, args.search_tokens)
+        same = tensor_hashes(last["out"]) == tensor_hashes(args.work / "ckpt-ram")
+        print(f"\nlargest size with streams in RAM: {ram['wall']:.1f} s, peak RSS {ram['rss_gib']:.2f} GiB; "
+              f"checkpoint {'identical' if same else 'DIFFERENT'} to the spilled run")
     print(f"targets: RSS largest/smallest {last['rss_gib'] / base['rss_gib']:.2f}x (<= 1.15x); wall per token "
           f"largest/smallest {(last['wall'] / last['tokens']) / (base['wall'] / base['tokens']):.2f}x (about 1); "
           f"spilled == in RAM: {same}")

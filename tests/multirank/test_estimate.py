@@ -103,9 +103,9 @@ def test_layer_work_is_flat_in_calibration_tokens(tmp_path):
     assert large.ranks[0].layer_work == small.ranks[0].layer_work
     assert large.ranks[0].streams > 10 * small.ranks[0].streams
     # ... while the searches' budget does change it: the judge holds 4 x search tokens x K fp32
-    half = estimate_memory(_cfg(CONFIGS / "qwen2-vl-7b", tmp_path, device="cuda", max_samples=256,
-                                search_tokens=4096), 1, 1024)
-    assert half.ranks[0].layer_work < large.ranks[0].layer_work
+    double = estimate_memory(_cfg(CONFIGS / "qwen2-vl-7b", tmp_path, device="cuda", max_samples=256,
+                                  search_tokens=8192), 1, 1024)
+    assert double.ranks[0].layer_work > large.ranks[0].layer_work
 
 
 def test_search_subset_and_solve_arithmetic():
@@ -113,8 +113,10 @@ def test_search_subset_and_solve_arithmetic():
     assert search_tokens([100] * 10, 8192) == 1000
     assert search_tokens([9000, 10], 8192) == 9000  # the first drawn sample is always kept
     K, N = 1000, 200
-    # corrected exposure: M, C, exposure factor, GPTQ factor and the factorisation's temporary
-    assert solve_bytes(K, N, True, False) == 5 * K * K * 4 + 2 * N * K * 4
+    # corrected exposure on the CPU: M (as H), C, the exposure factor and H's Cholesky factor; on a
+    # GPU C waits in host memory meanwhile
+    assert solve_bytes(K, N, True, False) == 4 * K * K * 4 + 2 * N * K * 4
+    assert solve_bytes(K, N, True, False, cuda=True) == 3 * K * K * 4 + 6 * N * K * 4
     assert solve_bytes(K, 10 * K, True, False) == 3 * K * K * 4 + 6 * 10 * K * K * 4  # wide: GPTQ's N x K
     assert solve_bytes(K, N, False, False) < solve_bytes(K, N, True, False) < solve_bytes(K, N, True, True)
 
@@ -138,14 +140,10 @@ def test_qwen2_vl_7b_fits_16_gib_on_one_gpu(tmp_path):
 
 
 _72B = [(name, n) for name in ("qwen2-vl-72b", "llava-onevision-72b") for n in (4, 8)]
-_DEVICE_GAP = ("the input-scale search's solver judge on down_proj (K=29568): 5 K x K fp32 while the GPTQ factor "
-               "is made (M, C, exposure factor, new factor, the out= temporary: 16.3 GiB), 4 x 8192 search tokens "
-               "x K fp32 (3.6 GiB), N x K copies and the layer: 24.2 GiB")
 _HOST_GAP = ("multi-rank streams: 4 S in RAM below the spill threshold (3 S > 16 GiB) plus the entry streams "
              "the stage keeps referenced and the FP targets ahead, plus the packed results held until the write")
 
 
-@pytest.mark.xfail(strict=True, reason=_DEVICE_GAP)
 @pytest.mark.parametrize("name,nproc", _72B)
 def test_72b_fits_20_gib_per_gpu(tmp_path, name, nproc):
     est = estimate_memory(_cfg(CONFIGS / name, tmp_path, device="cuda", max_samples=256), nproc, 1024)

@@ -181,7 +181,7 @@ class CalibConfig:
     smoothquant_alpha: float = 0.5
     n_grid: int = 20
     batch_tokens: int = 8192
-    search_tokens: int = 8192
+    search_tokens: int = 4096
     host_memory: float = 16.0
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     work_dir: Path | None = None

@@ -36,7 +36,7 @@ def calibrate(
     drop_below: float = typer.Option(0.0, help="token-level calibration set: drop tokens with weight below this"),
     batch_tokens: int = typer.Option(8192, help="tokens per batch when a linear group's inputs are streamed into "
                                      "its statistics (memory: batch x K fp32; nothing grows with calibration tokens)"),
-    search_tokens: int = typer.Option(8192, help="tokens (whole samples, drawn by importance) that the input-scale "
+    search_tokens: int = typer.Option(4096, help="tokens (whole samples, drawn by importance) that the input-scale "
                                       "and clipping searches see; recorded in the manifest"),
     host_memory: float = typer.Option(16.0, help="GiB of host RAM for the layer loop's hidden-state streams; above "
                                       "it they are spilled to files in the work folder (same checkpoint)"),

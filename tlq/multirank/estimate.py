@@ -177,21 +177,23 @@ def spills(tokens: int, hidden: int, b: int, budget: int) -> bool:
     return 3 * tokens * hidden * b > budget
 
 
-def solve_bytes(K: int, N: int, corrected: bool, act_order: bool) -> int:
+def solve_bytes(K: int, N: int, corrected: bool, act_order: bool, cuda: bool = False) -> int:
     """Peak of solving one linear [N, K] from its group's statistics (tlq/quant/weighted_gptq.py,
-    statistics.py, gptq.py). Every factorisation "in place" (`out=` the input) still allocates one
-    K x K temporary (measured on CPU: torch computes into a column-major buffer, then copies).
-    Corrected exposure: the exposure target beside M, C and the exposure factor (3 Q) with the
-    target's N x K temporaries; the GPTQ factor, made from M while its Cholesky factor is new and
-    inverted / re-factored through one more temporary (5 Q; act-order keeps a permuted copy of M,
-    +1); then GPTQ with C, the exposure factor and U (3 Q) and the weight, its target, the working
-    copy, codes, Q and the lazy update (6 N x K). Without correction: M, the factor and the
-    temporary (3 Q), then U beside the N x K matrices."""
+    statistics.py, gptq.py; Q = one K x K fp32 matrix). Factorisations run in place without
+    temporaries (the exposure factor is built in column-major storage; the GPTQ factor's Cholesky
+    factor is LAPACK's own column-major result, inverted and re-factored in place).
+    Corrected exposure: M, C and the exposure factor (3 Q) with the target's N x K temporaries; on
+    a GPU C then waits in host memory and is copied back per linear, so building the GPTQ factor
+    from M holds H, its factor and the exposure factor (3 Q; on the CPU C stays: 4 Q; act-order
+    keeps a permuted copy of H, +1); then GPTQ with U, the exposure factor and C (3 Q) and the
+    weight, its target, the working copy, codes, Q and the lazy update (6 N x K). Without
+    correction: H and its factor (2 Q), then U beside the N x K matrices."""
     q, nk = K * K * F32, N * K * F32
     permute = q if act_order else 0
     if corrected:
-        return max(3 * q + 4 * nk, 5 * q + permute + 2 * nk, 3 * q + 6 * nk)
-    return max(3 * q + permute + nk, q + 5 * nk)
+        factor = (3 if cuda else 4) * q + permute + 2 * nk
+        return max(3 * q + 4 * nk, factor, 3 * q + 6 * nk)
+    return max(2 * q + permute + nk, q + 5 * nk)
 
 
 def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: int, longest: int, hidden: int,
@@ -213,7 +215,7 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
     for g in groups:
         K, N, n_sum = g.K, max(g.outs), sum(g.outs)
         q, rows = K * K * F32, st * K * F32
-        solve = solve_bytes(K, N, corrected, cfg.act_order) if gptq else 3 * N * K * F32
+        solve = solve_bytes(K, N, corrected, cfg.act_order, cuda) if gptq else 3 * N * K * F32
         # input-scale search, then (judge "solver") the solve it is judged by, on the st tokens
         if scaling == "awq" and g.foldable:
             Ws = n_sum * K * F32
