@@ -13,7 +13,7 @@ def fixture(
     arch: Annotated[str, typer.Argument(help="architecture: qwen2-vl or llava-onevision")],
     out_dir: Annotated[Path, typer.Argument(help="folder to write the checkpoint into (must not exist)")],
     seed: Annotated[int, typer.Option(help="random seed; the same seed gives byte-identical weights")] = 0,
-    size: Annotated[str, typer.Option(help="size preset: tiny (tests), medium or deep (benchmarks; deep = 28 layers)")] = "tiny",
+    size: Annotated[str, typer.Option(help="size preset: tiny (tests), medium, deep (28 layers) or 2b (Qwen2-VL-2B text widths, 2 layers) for benchmarks")] = "tiny",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace OUT_DIR if it exists")] = False,
 ) -> None:
     """Build a random VLM (weights, tokenizer, processor) loadable by transformers and vLLM."""
