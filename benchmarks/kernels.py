@@ -15,7 +15,9 @@ each configuration used.
 Numerics are matched for the plugin/compressed-tensors ratio: compressed-tensors runs with
 VLLM_CPU_INT4_W4A8=0 (exact W4A16), like the plugin's default. On a CPU with AMX the int4 x int8
 shortcut is benchmarked too: compressed-tensors with vLLM's default flag vs the plugin with
-TLQ_CPU_FAST_INT4=1.
+TLQ_CPU_FAST_INT4=1. Last, what the plugin adds per linear call at batch 1 is measured in-process
+(its `apply` against the kernel's own `apply_weights` on one prepared layer), which separates a
+real per-call cost from the run-to-run noise of the end-to-end decode rates on a shared machine.
 """
 from __future__ import annotations
 
@@ -148,6 +150,45 @@ def main() -> None:
             for key in ("1", "8"):
                 best["rates"][key] = max(best["rates"][key], res["rates"][key])
     report(results, amx)
+    print("\n" + call_overhead())
+
+
+def call_overhead(n: int = 2000) -> str:
+    """What the plugin adds per linear call at batch 1: its `apply` against the vLLM kernel's own
+    `apply_weights` on the same prepared layer (medium widths, in this process, best of 5)."""
+    import torch
+
+    import vllm.model_executor.parameter as vp
+    from tlq.quant.qparams import quantize_rtn
+    from vllm_plugin import backends
+    from vllm_plugin.spec import ServeSpec
+    from vllm_plugin.weights import LoadedWeight
+    vp.get_tensor_model_parallel_rank = lambda: 0  # outside an engine: one rank
+    vp.get_tensor_model_parallel_world_size = lambda: 1
+    N, K = 3072, 1024
+    qw = quantize_rtn(torch.randn(N, K, generator=torch.Generator().manual_seed(0)) * 0.05, 4, 128, True,
+                      torch.bfloat16)
+    layer = torch.nn.Module()
+    layer.params_dtype, layer.bias = torch.bfloat16, None
+    lw = LoadedWeight(qw.codes.t().contiguous(), qw.scales.t().contiguous().to(torch.bfloat16), None, 4, 128)
+    backend, served = backends.choose(layer, backends.LayerJob(lw, ServeSpec("w4a16", 4, 128, True), "x", K, N))
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+
+    def best_us(call) -> float:
+        for _ in range(100):
+            call()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                call()
+            times.append((time.perf_counter() - t0) / n * 1e6)
+        return min(times)
+
+    ours = best_us(lambda: backend.apply(layer, x, None))
+    kernel = best_us(lambda: backend.kernel.apply_weights(layer, x, None))
+    return (f"per-call cost at batch 1 ({served.numerics}, {N}x{K}): plugin apply {ours:.0f} us, the kernel's own "
+            f"apply_weights {kernel:.0f} us: {ours / kernel:.3f}x")
 
 
 def report(results: dict, amx: bool) -> None:
