@@ -34,9 +34,9 @@ def test_entry_streams_keep_the_float_path_apart(tmp_path):
 
 
 def test_spill_decision():
-    assert stream_bytes(1000, 256, torch.bfloat16) == 3 * 1000 * 256 * 2
-    assert should_spill(10**6, 4096, torch.bfloat16, 16.0) is True  # 3 * 1e6 * 4096 * 2 B = 22.9 GiB
-    assert should_spill(10**5, 4096, torch.bfloat16, 16.0) is False  # 2.3 GiB
+    assert stream_bytes(1000, 256, torch.bfloat16) == 4 * 1000 * 256 * 2
+    assert should_spill(10**6, 4096, torch.bfloat16, 16.0) is True  # 4 * 1e6 * 4096 * 2 B = 30.5 GiB
+    assert should_spill(5 * 10**5, 4096, torch.bfloat16, 16.0) is False  # 15.3 GiB
     assert should_spill(1, 8, torch.bfloat16, 0.0) is True
 
 

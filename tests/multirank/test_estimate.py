@@ -140,8 +140,9 @@ def test_qwen2_vl_7b_fits_16_gib_on_one_gpu(tmp_path):
 
 
 _72B = [(name, n) for name in ("qwen2-vl-72b", "llava-onevision-72b") for n in (4, 8)]
-_HOST_GAP = ("multi-rank streams: 4 S in RAM below the spill threshold (3 S > 16 GiB) plus the entry streams "
-             "the stage keeps referenced and the FP targets ahead, plus the packed results held until the write")
+_HOST_GAP = ("multi-rank streams: 4 S = 16 GiB in RAM (not above --host-memory 16, so not spilled), the entry "
+             "streams the stage keeps referenced and the FP targets ahead, plus the packed results held until the "
+             "write")
 
 
 @pytest.mark.parametrize("name,nproc", _72B)

@@ -158,7 +158,7 @@ class CalibConfig:
             of one batch: batch_tokens x K fp32; the statistics do not grow with calibration tokens).
         search_tokens: tokens the scale and clipping searches see (whole samples, an importance-weighted
             seeded draw when the calibration set is larger; recorded in the manifest).
-        host_memory: GiB of host RAM the layer loop's hidden-state streams (3 x tokens x hidden in the
+        host_memory: GiB of host RAM the layer loop's hidden-state streams (4 x tokens x hidden in the
             model's dtype) may take; above it they are spilled to files in the work folder.
         importance: token weighting (ImportanceConfig).
         work_dir: resumable per-layer results (default: a hidden sibling of `out`).

@@ -1,8 +1,8 @@
 """The hidden-state streams of the layer loop, held in RAM or spilled to files in the work folder.
 
 The layer loop keeps, per sample, the inputs the quantized layers produce (h_q), the float path's
-(h_fp) and the float targets (y_fp), each [1, T, H] in the model's dtype: 3 x tokens x H values
-that grow with the calibration set. While that stays under the host budget (`--host-memory`,
+(h_fp) and the float targets (y_fp), each [1, T, H] in the model's dtype, beside the captured entry
+stream: 4 x tokens x H values that grow with the calibration set. While that stays under the host budget (`--host-memory`,
 GiB) they are plain lists in RAM. Above it every stream is a `SampleStore` on disk: one file per
 sample, read back memory-mapped one batch at a time, so the process's resident memory no longer
 grows with tokens (the page cache is the kernel's, not the process's). Values are bit-identical
@@ -18,7 +18,7 @@ import torch
 
 from tlq.atomic import save_torch_atomic
 
-STREAMS_PER_RUN = 3  # h_q, h_fp, y_fp alive at once in the layer loop
+STREAMS_PER_RUN = 4  # the captured entry stream, h_q, h_fp and y_fp, alive at once in the layer loop
 
 
 class SampleStore(Sequence):

@@ -15,7 +15,7 @@ per linear group K inputs, N outputs; Q = K x K fp32. Per rank:
   extras       rank 0: vision tower + projector + embeddings (the tower only until capture ends);
                last rank: final norm + lm_head
   streams      the layer loop's hidden states in RAM: h_q, h_fp, y_fp and the next h_q (4 S); when
-               h_q, h_fp and y_fp (3 S) exceed --host-memory they live in files in the work folder and
+               the entry stream, h_q, h_fp and y_fp (4 S) exceed --host-memory they live in files in the work folder and
                only one sample of each is mapped at a time (tlq/calib/streams.py); + on a multi-rank
                run the entry streams the stage keeps referenced (rank 0 the captured one, the others
                the received quantized and FP ones) and the FP targets computed ahead; + per-sample
@@ -172,9 +172,9 @@ def _groups(adapter, layer) -> list[GroupShape]:
 
 
 def spills(tokens: int, hidden: int, b: int, budget: int) -> bool:
-    """The layer loop keeps its streams in files when h_q, h_fp and y_fp (3 S) exceed --host-memory
+    """The layer loop keeps its streams in files when the entry stream, h_q, h_fp and y_fp (4 S) exceed --host-memory
     (tlq/calib/streams.py); each is then read and written one sample at a time."""
-    return 3 * tokens * hidden * b > budget
+    return 4 * tokens * hidden * b > budget
 
 
 def solve_bytes(K: int, N: int, corrected: bool, act_order: bool, cuda: bool = False) -> int:
