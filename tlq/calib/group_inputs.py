@@ -90,6 +90,7 @@ def stream_group(calib_layer: nn.Module, fp_layer: nn.Module | None, name: str, 
             w = None if w is None else w[mask]
         # inputs are gathered on the CPU; the statistics live where the solver runs
         stats.add(X.to(device), None if w is None else w.to(device), None if X_fp is None else X_fp.to(device))
+        del X, X_fp, w, mask  # before the next batch is gathered: one batch alive at a time
     K = stats.M.shape[0] if stats.M is not None else 0
     X_search = torch.cat(rows).to(device) if rows else torch.empty(0, K, device=device)
     w_search = None if weights is None or not rows else torch.cat(row_weights).to(device)

@@ -93,6 +93,7 @@ def token_gradients(model, adapter: ModelAdapter, samples: list[CapturedSample],
         per_layer = {}
         backward_stage(adapter, layers, every, inputs, h.grad, kwargs, device, per_layer, dtype)
         raw.append(per_layer)
+        del inputs, h  # before the next sample's forward: one sample's stored inputs alive at a time
     for m in head:
         m.__exit__()
     return raw
