@@ -81,7 +81,7 @@ def stream_group(calib_layer: nn.Module, fp_layer: nn.Module | None, name: str, 
         mask = None if keep is None else keep[span]
         if wanted:
             owner = torch.repeat_interleave(torch.tensor(batch), torch.tensor([lengths[i] for i in batch]))
-            take = torch.tensor([int(o) in wanted for o in owner.tolist()])
+            take = torch.isin(owner, torch.tensor(sorted(wanted)))
             take = take if mask is None else take & mask
             rows.append(X[take])
             row_weights.append(None if w is None else w[take])
