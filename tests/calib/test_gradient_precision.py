@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tlq.calib.capture import capture_samples, to_device
-from tlq.calib.importance import gradient_dtype, token_gradients
+from tlq.calib.gradient_pass import gradient_dtype, token_gradients
 from tlq.data.calib import bundled_calibration_path, load_calibration
 from tlq.model_io import open_source_model
 

@@ -6,7 +6,8 @@ from captured_samples import capture_tiny
 from tlq.adapters import LinearGroup, get_submodule
 from tlq.calib.capture import ANSWER, PROMPT, VISION
 from tlq.calib.config import ImportanceConfig
-from tlq.calib.importance import BLOCKS, STATISTICS, group_weights, integrate, sft_loss, token_gradients
+from tlq.calib.gradient_pass import BLOCKS, STATISTICS, sft_loss, token_gradients
+from tlq.calib.importance import group_weights, integrate
 from tlq.errors import TLQError
 
 

@@ -11,7 +11,8 @@ from reference.blocks import decoder_layer
 from tlq.adapters import QWEN2_VL
 from tlq.calib import layer_loop
 from tlq.calib.config import METHODS, CalibConfig
-from tlq.calib.importance import integrate, token_gradients, uniform_weights
+from tlq.calib.gradient_pass import token_gradients
+from tlq.calib.importance import integrate, uniform_weights
 from tlq.calib.input_scaling import scale_layer_inputs
 from tlq.calib.layer_loop import WorkFolder, run_layer_loop
 from tlq.calib.layer_solve import LayerInputs, add_activation_quant, run_layer
@@ -38,7 +39,11 @@ def _loop(model_dir, tmp_path, monkeypatch, method, scheme="w4a16"):
 
     monkeypatch.setattr(layer_loop, "calibrate_layer", spy)
     work = WorkFolder(tmp_path / "work", cfg.run_key())
+    captured = [s.hidden for s in samples]
     run_layer_loop(model, adapter, samples, weights, cfg, work, work.open(False), progress=False)
+    assert all(s.hidden is None for s in samples), "the loop consumed the captured stream"
+    for s, h in zip(samples, captured):
+        s.hidden = h
     return pristine, model, adapter, samples, seen
 
 

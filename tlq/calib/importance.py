@@ -1,16 +1,15 @@
 r"""Token importance: the one place where gradients become calibration weights.
 
-Gradient pass (`token_gradients`): one FP forward and backward per sample with the SFT
-loss L (mean cross-entropy over answer tokens). For decoder layer l and every gradient
-source b (the attention and MLP outputs, and each quantized linear's own output) with
-output Y^{l,b} in R^{T x C}, two raw statistics of token t are kept:
+Gradient pass (tlq/calib/gradient_pass.py): one FP forward and backward with the SFT loss L
+(mean cross-entropy over answer tokens). For decoder layer l and every gradient source b (the
+attention and MLP outputs, and each quantized linear's own output) with output Y^{l,b} in
+R^{T x C}, two raw statistics of token t are kept:
 
     abs     a_t = (1/C) * sum_c | dL / dY^{l,b}_{t,c} |          (MBQ)
     square  a_t = (1/C) * sum_c ( dL / dY^{l,b}_{t,c} )^2       (Fisher / Taylor, VLMQ's G^2)
 
-The backward pass never holds more than one layer's graph: the forward stores each
-layer's input (on CPU), then layers are recomputed one at a time from the last to the
-first, each receiving the gradient of its output and passing on the gradient of its input.
+The backward pass never holds more than one layer's graph: layers are recomputed one at a
+time from the last to the first from their stored inputs.
 
 Integration (`integrate`), per layer l and source b, over all calibration tokens, with
 M(t) the modality of token t (prompt text, vision, answer) and NZ_M the tokens of M that
@@ -44,125 +43,13 @@ With source "linear" a linear group's weight is the mean of its linears' weights
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from tlq.adapters import LinearGroup, ModelAdapter, get_submodule
-from tlq.calib.capture import ANSWER, MODALITY_NAMES, VISION, CapturedSample, to_device
+from tlq.adapters import LinearGroup
+from tlq.calib.capture import ANSWER, MODALITY_NAMES, VISION, CapturedSample
 from tlq.calib.config import ImportanceConfig
+from tlq.calib.gradient_pass import BLOCKS, STATISTICS, RawImportance
 
-BLOCKS = ("attn", "mlp")
-STATISTICS = {"abs": 0, "square": 1}  # row of a raw entry
 MIN_FENCE_TOKENS = 4
-# per sample: (layer, block or linear name) -> [2, T], rows mean |g| and mean g^2 (STATISTICS)
-RawImportance = list[dict[tuple[int, str], torch.Tensor]]
-
-
-def sft_loss(model, adapter: ModelAdapter, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    norm = get_submodule(model, adapter.final_norm)
-    lm_head = get_submodule(model, adapter.lm_head)
-    logits = lm_head(norm(hidden)).float()
-    return F.cross_entropy(logits[0, :-1], labels[0, 1:].to(logits.device), ignore_index=-100)
-
-
-def gradient_dtype(model) -> torch.dtype:
-    """Where the gradient pass computes: fp16 has too little range for small token gradients (and
-    there is no loss scaling), so fp16 models compute it in fp32; bf16 and fp32 ones in their dtype."""
-    dtype = next(model.parameters()).dtype
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-def token_gradients(model, adapter: ModelAdapter, samples: list[CapturedSample], device: str = "cpu",
-                    progress: bool = True) -> RawImportance:
-    """Raw importance a^{l,b}_t for every sample, layer and block (see module docstring)."""
-    layers = adapter.layers(model)
-    dtype = gradient_dtype(model)
-    head = [on_device(get_submodule(model, adapter.final_norm), device, dtype),
-            on_device(get_submodule(model, adapter.lm_head), device, dtype)]
-    for m in head:
-        m.__enter__()
-    raw: RawImportance = []
-    every = range(len(layers))
-    for sample in tqdm(samples, desc="gradients", disable=not progress, unit="sample"):
-        kwargs = to_device(sample.layer_kwargs, device, dtype)
-        inputs, h = forward_stage(layers, every, sample.hidden.to(dtype), kwargs, device, dtype)
-        h = h.detach().requires_grad_(True)
-        if (sample.labels != -100).sum() == 0:
-            raise ValueError(f"sample {sample.sample_id} has no answer tokens")
-        sft_loss(model, adapter, h, sample.labels).backward()
-        per_layer = {}
-        backward_stage(adapter, layers, every, inputs, h.grad, kwargs, device, per_layer, dtype)
-        raw.append(per_layer)
-        del inputs, h  # before the next sample's forward: one sample's stored inputs alive at a time
-    for m in head:
-        m.__exit__()
-    return raw
-
-
-def forward_stage(layers, indices: range, h: torch.Tensor, kwargs: dict, device: str,
-                  dtype: torch.dtype | None = None):
-    """FP forward through layers[indices] (no graph); returns each layer's input (on CPU) and the output.
-
-    A pipeline stage of the multi-rank gradient pass (tlq/dist) runs the same two halves.
-    """
-    inputs = []
-    with torch.no_grad():
-        for index in indices:
-            inputs.append(h.cpu())
-            with on_device(layers[index], device, dtype):
-                h = layers[index](h.to(device), **kwargs)
-    return inputs, h
-
-
-def backward_stage(adapter: ModelAdapter, layers, indices: range, inputs: list[torch.Tensor], grad: torch.Tensor,
-                   kwargs: dict, device: str, per_layer: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Recompute layers[indices] one at a time, last to first, each from its stored input, passing
-    `grad` (dL/d output) back; fills per_layer[(index, source)] for every block and quantized
-    linear (rows: STATISTICS) and returns dL/d(first input)."""
-    sources = {b: getattr(adapter, f"{b}_module") for b in BLOCKS} | {n: n for n in adapter.linear_names()}
-    for index in reversed(indices):
-        layer = layers[index]
-        outputs = {}
-        hooks = [get_submodule(layer, path).register_forward_hook(_keep_output(outputs, name))
-                 for name, path in sources.items()]
-        try:
-            with on_device(layer, device, dtype), torch.enable_grad():
-                x = inputs[index - indices.start].to(device).requires_grad_(True)
-                layer(x, **kwargs).backward(grad)
-        finally:
-            for hk in hooks:
-                hk.remove()
-        for name in sources:
-            g = outputs[name].grad.float()[0]
-            per_layer[(index, name)] = torch.stack([g.abs().mean(-1), g.square().mean(-1)]).cpu()
-        grad = x.grad
-    return grad
-
-
-def _keep_output(store: dict, name: str):
-    def hook(module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        out.retain_grad()
-        store[name] = out
-    return hook
-
-
-class on_device:
-    """Context manager: a module on `device` (and in `dtype`, when given) for the duration, back to
-    the CPU and its own dtype after (exact: fp16 and bf16 values are fp32 values)."""
-
-    def __init__(self, module, device, dtype: torch.dtype | None = None):
-        self.module, self.device = module, device
-        self.own = next(module.parameters()).dtype
-        self.dtype = dtype or self.own
-
-    def __enter__(self):
-        if self.device != "cpu" or self.dtype != self.own:
-            self.module.to(self.device, self.dtype)
-
-    def __exit__(self, *exc):
-        if self.device != "cpu" or self.dtype != self.own:
-            self.module.to("cpu", self.own)
 
 
 def _clip_per_modality(a: torch.Tensor, modality: torch.Tensor, k: float) -> torch.Tensor:

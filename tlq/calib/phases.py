@@ -17,7 +17,8 @@ import torch
 
 from tlq.calib.assemble import PackedLinear, check_group_size, packer
 from tlq.calib.config import CalibConfig
-from tlq.calib.importance import integrate, token_gradients, uniform_weights, weight_statistics
+from tlq.calib.gradient_pass import token_gradients
+from tlq.calib.importance import integrate, uniform_weights, weight_statistics
 from tlq.calib.layer_loop import WorkFolder
 from tlq.calib.rss import start_of_calibration
 from tlq.errors import TLQError
@@ -66,7 +67,8 @@ def token_weights(model, source: SourceModel, captured, cfg: CalibConfig, work: 
         return uniform_weights(captured, num_layers)
     raw = work.load_object("importance.pt")
     if raw is None:
-        raw = token_gradients(model, source.adapter, captured, cfg.device, progress=progress)
+        raw = token_gradients(model, source.adapter, captured, cfg.device, progress=progress,
+                              spill_dir=work.path / "streams" / "gradient-pass", host_memory=cfg.host_memory)
         work.save_object("importance.pt", raw)
     return integrate(raw, [s.modality for s in captured], cfg.importance)
 

@@ -4,7 +4,7 @@ Samples are the micro-batches of a 1F1B schedule (as in PipeDream-flush): rank r
 `world - r - 1` forwards ahead, then alternates one forward and one backward, then drains. So
 all ranks compute at once on different samples, and a rank never holds the stored layer inputs
 of more than `world - r` samples. Per sample and stage the arithmetic is exactly that of
-`importance.token_gradients` (the same `forward_stage` / `backward_stage`), and tensors cross
+`gradient_pass.token_gradients` (the same `forward_stage` / `backward_stage`), and tensors cross
 ranks bit for bit, so every rank's raw importance equals the single-process one for its layers.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from tlq.adapters import ModelAdapter, get_submodule
 from tlq.calib.capture import CapturedSample, to_device
-from tlq.calib.importance import (
+from tlq.calib.gradient_pass import (
     RawImportance,
     backward_stage,
     forward_stage,
