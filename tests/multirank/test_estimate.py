@@ -8,7 +8,6 @@ import pytest
 
 from tlq.calib.config import CalibConfig, get_method
 from tlq.multirank.estimate import (
-    ASSUMED_TOKENS_PER_SAMPLE,
     GIB,
     estimate_memory,
     format_estimate,
@@ -49,7 +48,8 @@ def test_config_only_folder_assumes_token_counts(qwen2_vl_dir, tmp_path):
     shutil.copy(qwen2_vl_dir / "config.json", stand_in / "config.json")
     est = estimate_memory(_cfg(stand_in, tmp_path, device="cuda"), 2)
     real = estimate_memory(_cfg(qwen2_vl_dir, tmp_path, device="cuda"), 2)
-    assert not est.tokens_exact and est.longest == ASSUMED_TOKENS_PER_SAMPLE
+    assert not est.tokens_exact and est.samples == real.samples
+    assert real.tokens / 2 < est.tokens < real.tokens * 2  # text assumed, images counted
     assert [r.weights for r in est.ranks] == [r.weights for r in real.ranks]  # meta shapes == headers
     assert all(r.device_peak is not None for r in est.ranks)
     assert "ASSUMED" in format_estimate(est)
@@ -174,3 +174,17 @@ def test_tokens_per_sample_is_for_the_dry_run_only(qwen2_vl_dir, tmp_path, capsy
         main(["calibrate", str(qwen2_vl_dir), "--out", str(tmp_path / "o"), "--tokens-per-sample", "300"])
     assert exc.value.code == 2 and "--tokens-per-sample only states" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_config_only_folder_counts_vision_tokens_under_max_pixels(llava_onevision_dir, tmp_path):
+    """Without a processor the images' anyres tiles are counted from config.json; --max-pixels
+    lowers them as it lowers what the processor expands."""
+    stand_in = tmp_path / "stand-in"
+    stand_in.mkdir()
+    shutil.copy(llava_onevision_dir / "config.json", stand_in / "config.json")
+    full, small = (estimate_memory(_cfg(stand_in, tmp_path, max_pixels=m), 1) for m in (None, 1000))
+    real_full, real_small = (estimate_memory(_cfg(llava_onevision_dir, tmp_path, max_pixels=m), 1)
+                             for m in (None, 1000))
+    assert real_small.tokens < real_full.tokens and small.tokens < full.tokens
+    # text assumed, vision counted: the config-only drop equals the processor's
+    assert full.tokens - small.tokens == real_full.tokens - real_small.tokens

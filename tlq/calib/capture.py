@@ -6,6 +6,10 @@ features merged in, M-RoPE position embeddings, the attention mask) and stops th
 The layer loop and the gradient pass then replay decoder layers from these inputs and
 never run the vision tower again.
 
+Device: with `--device cuda` what runs before the first decoder layer (embeddings, vision tower,
+projector, rotary tables) is moved there for the capture (`pre_layers_on_device`); the decoder
+layers and the LM head stay on the host, and the captured tensors come back to the host.
+
 Batching: samples are captured one at a time (batch 1), so samples with different image
 sizes and sequence lengths mix freely without padding; every solver consumes tokens, not
 sequences, so nothing downstream depends on how samples were batched.
@@ -72,10 +76,49 @@ def modality_labels(input_ids: torch.Tensor, labels: torch.Tensor, adapter: Mode
     return modality
 
 
+class pre_layers_on_device:
+    """Context manager: every parameter and buffer of the model outside the decoder layers, the final
+    norm and the lm_head (what runs before layer 0: embeddings, vision tower and projector, rotary
+    tables, loose parameters such as LLaVA-OneVision's image_newline) on `device` for the duration.
+    The host tensors are put back on exit (nothing is copied back: capture changes no weight); a
+    weight tied to the lm_head stays tied to its host copy there. A no-op on the CPU."""
+
+    def __init__(self, model, adapter: ModelAdapter, device: str):
+        self.model, self.device = model, device
+        self.stay = (adapter.decoder_layers, adapter.final_norm, adapter.lm_head)
+        self.swapped: list[tuple[dict, str, torch.Tensor]] = []
+
+    def moved_modules(self) -> list[str]:
+        """Names of the modules whose own tensors move (the root is '')."""
+        return [name for name, module in self.model.named_modules()
+                if not any(name == p or name.startswith(p + ".") for p in self.stay)
+                and any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))]
+
+    def __enter__(self):
+        if self.device == "cpu":
+            return self
+        for name in self.moved_modules():
+            module = self.model.get_submodule(name)
+            for table in (module._parameters, module._buffers):
+                for key, t in table.items():
+                    if t is None:
+                        continue
+                    self.swapped.append((table, key, t))
+                    moved = t.to(self.device)
+                    table[key] = torch.nn.Parameter(moved, requires_grad=False) if table is module._parameters else moved
+        return self
+
+    def __exit__(self, *exc):
+        for table, key, t in reversed(self.swapped):
+            table[key] = t
+        self.swapped = []
+
+
 @torch.no_grad()
-def capture_inputs(model, adapter: ModelAdapter, encoded: list[tuple[str, dict]], progress: bool = True
-                   ) -> list[CapturedSample]:
-    """Run the model up to its first decoder layer for each encoded sample."""
+def capture_inputs(model, adapter: ModelAdapter, encoded: list[tuple[str, dict]], progress: bool = True,
+                   device: str = "cpu") -> list[CapturedSample]:
+    """Run the model up to its first decoder layer for each encoded sample (on `device`, see
+    `pre_layers_on_device`); the captured tensors are on the CPU."""
     layer0 = adapter.layers(model)[0]
     layer_types = set(getattr(get_submodule(model, adapter.decoder_layers.rsplit(".", 1)[0]).config,
                               "layer_types", None) or ["full_attention"])
@@ -92,16 +135,17 @@ def capture_inputs(model, adapter: ModelAdapter, encoded: list[tuple[str, dict]]
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     samples = []
     try:
-        for sample_id, inputs in tqdm(encoded, desc="capture", disable=not progress, unit="sample"):
-            labels = inputs["labels"]
-            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            try:
-                model(**model_inputs, use_cache=False)
-            except _StopForward:
-                pass
-            samples.append(CapturedSample(
-                sample_id, captured["hidden"], captured["kwargs"], labels.cpu(),
-                modality_labels(inputs["input_ids"].cpu(), labels.cpu(), adapter, model.config)))
+        with pre_layers_on_device(model, adapter, device):
+            for sample_id, inputs in tqdm(encoded, desc="capture", disable=not progress, unit="sample"):
+                labels = inputs["labels"]
+                model_inputs = to_device({k: v for k, v in inputs.items() if k != "labels"}, device)
+                try:
+                    model(**model_inputs, use_cache=False)
+                except _StopForward:
+                    pass
+                samples.append(CapturedSample(
+                    sample_id, captured["hidden"], captured["kwargs"], labels.cpu(),
+                    modality_labels(inputs["input_ids"].cpu(), labels.cpu(), adapter, model.config)))
     finally:
         handle.remove()
     return samples
@@ -118,12 +162,14 @@ def release_vision(model, adapter: ModelAdapter) -> None:
     trim_heap()
 
 
-def capture_samples(model, source, samples, progress: bool = True) -> list[CapturedSample]:
-    """Encode `samples` with the model folder's processor, capture the language model's inputs
-    once, then drop the vision tower (one process and rank 0 of tlq/multirank alike)."""
+def capture_samples(model, source, samples, progress: bool = True, device: str = "cpu",
+                    max_pixels: int | None = None) -> list[CapturedSample]:
+    """Encode `samples` with the model folder's processor (images bounded by `max_pixels`, see
+    tlq/data/processing.py), capture the language model's inputs once on `device`, then drop the
+    vision tower (one process and rank 0 of tlq/multirank alike)."""
     from tlq.data.processing import encode_sample
     processor = source.load_processor()
-    encoded = [(s.id, encode_sample(processor, s)) for s in samples]
-    captured = capture_inputs(model, source.adapter, encoded, progress=progress)
+    encoded = [(s.id, encode_sample(processor, s, max_pixels)) for s in samples]
+    captured = capture_inputs(model, source.adapter, encoded, progress=progress, device=device)
     release_vision(model, source.adapter)
     return captured

@@ -158,6 +158,10 @@ class CalibConfig:
             of one batch: batch_tokens x K fp32; the statistics do not grow with calibration tokens).
         search_tokens: tokens the scale and clipping searches see (whole samples, an importance-weighted
             seeded draw when the calibration set is larger; recorded in the manifest).
+        max_pixels: calibration images above this many pixels are downscaled (aspect kept) before the
+            processor (tlq/data/processing.py); None keeps the processor's own bound (Qwen2-VL:
+            its max_pixels, 12,845,056 in Qwen2-VL-7B-Instruct's preprocessor config; LLaVA-OneVision:
+            anyres_max_9, the base image plus at most 9 tiles' worth of features).
         host_memory: GiB of host RAM the layer loop's hidden-state streams (4 x tokens x hidden in the
             model's dtype) may take; above it they are spilled to files in the work folder.
         importance: token weighting (ImportanceConfig).
@@ -183,6 +187,7 @@ class CalibConfig:
     batch_tokens: int = 8192
     search_tokens: int = 4096
     host_memory: float = 16.0
+    max_pixels: int | None = None
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     work_dir: Path | None = None
     overwrite: bool = False
@@ -216,6 +221,9 @@ class CalibConfig:
         for name in ("batch_tokens", "search_tokens"):
             if getattr(self, name) < 1:
                 raise TLQError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise TLQError(f"--max-pixels must be at least 1, not {self.max_pixels}; "
+                           "omit it for the processor's own bound")
         if not self.host_memory >= 0:
             raise TLQError(f"--host-memory must be a number of GiB >= 0, not {self.host_memory}")
         if not self.damp > 0:
@@ -230,4 +238,4 @@ class CalibConfig:
                 "act_order": self.act_order, "damp": self.damp, "exposure_strength": self.exposure_strength,
                 "importance": self.importance.__dict__, "smoothquant_alpha": self.smoothquant_alpha,
                 "n_grid": self.n_grid, "search_tokens": self.search_tokens,
-                "batch_tokens": self.batch_tokens}
+                "batch_tokens": self.batch_tokens, "max_pixels": self.max_pixels}

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from tlq.adapters import ModelAdapter, get_submodule
 from tlq.calib.capture import CapturedSample, to_device
-from tlq.calib.streams import StreamFolder
+from tlq.calib.streams import SampleStore, StreamFolder
 
 BLOCKS = ("attn", "mlp")
 STATISTICS = {"abs": 0, "square": 1}  # row of a raw entry
@@ -106,16 +106,24 @@ def token_gradients(model, adapter: ModelAdapter, samples: list[CapturedSample],
                     into.append(_backward_layer(layers[index], index, sources, inputs[index][i],
                                                 grads[i].to(device), _kwargs(sample, device, dtype), device,
                                                 raw[i]).cpu())
-            inputs[index].delete()
-            grads.delete()
+            _free(inputs[index])
+            _free(grads)
             grads = into
             bar.update()
-        grads.delete()
+        _free(grads)
     finally:
         bar.close()
         if streams.root is not None:
             shutil.rmtree(streams.root, ignore_errors=True)
     return raw
+
+
+def _free(stream) -> None:
+    """Drop a stream's tensors now: a spilled store's files, or the references a list holds."""
+    if isinstance(stream, SampleStore):
+        stream.delete()
+    else:
+        stream.clear()
 
 
 def _kwargs(sample: CapturedSample, device: str, dtype: torch.dtype) -> dict:

@@ -35,7 +35,7 @@ def calibrate_single(cfg: CalibConfig, progress: bool = True) -> Path:
     samples = load_samples(cfg)  # every line is checked before any model work starts
     model = source.load_hf_model()
     with timed("capture"):
-        captured = capture_samples(model, source, samples, progress)
+        captured = capture_samples(model, source, samples, progress, cfg.device, cfg.max_pixels)
     rss_mark("captured")
     work = WorkFolder(cfg.work_dir, cfg.run_key())
     done = work.open(cfg.resume)

@@ -40,6 +40,10 @@ def calibrate(
                                       "and clipping searches see; recorded in the manifest"),
     host_memory: float = typer.Option(16.0, help="GiB of host RAM for the layer loop's hidden-state streams; above "
                                       "it they are spilled to files in the work folder (same checkpoint)"),
+    max_pixels: Optional[int] = typer.Option(None, help="downscale calibration images above this many pixels "
+                                             "(aspect kept) before the processor; default: the processor's own "
+                                             "bound (Qwen2-VL-7B-Instruct: max_pixels 12845056; LLaVA-OneVision: "
+                                             "anyres_max_9, base image + at most 9 tiles)"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
     resume: bool = typer.Option(True, help="continue an interrupted run from its last finished layer"),
     dry_run: bool = typer.Option(False, help="print the peak memory estimate and exit"),
@@ -58,7 +62,7 @@ def calibrate(
         importance=importance, exposure=exposure, input_scaling=input_scaling, max_tokens=max_tokens,
         drop_below=drop_below, max_samples=max_samples, seed=seed, device=device, act_order=act_order, damp=damp,
         exposure_strength=exposure_strength, overwrite=overwrite, resume=resume, batch_tokens=batch_tokens,
-        search_tokens=search_tokens, host_memory=host_memory)
+        search_tokens=search_tokens, host_memory=host_memory, max_pixels=max_pixels)
     if tp is not None:
         _warn_tensor_parallel(cfg, tp)
     if dry_run:  # plans only: needs no GPU, even for --device cuda

@@ -5,8 +5,16 @@ unchanged for Qwen2-VL (pixel_values + image_grid_thw) and LLaVA-OneVision
 (pixel_values + image_sizes). Labels are -100 except on the final assistant answer and
 the end-of-turn token after it, so the SFT loss (and the token importance derived from its
 gradient) measures how well the model produces the answer and stops.
+
+Image size (`--max-pixels`): images above the bound are downscaled before the processor sees them,
+which works alike for every processor (Qwen2-VL then patches fewer 28 x 28 cells; LLaVA-OneVision's
+anyres picks a smaller grid pinpoint, so fewer 384 x 384 tiles). Without it the processor's own
+bound is the only one (Qwen2-VL: its `max_pixels`, 12,845,056 in Qwen2-VL-7B-Instruct's
+preprocessor config; LLaVA-OneVision: anyres_max_9, the base image plus at most 9 tiles' worth).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -22,13 +30,26 @@ def normalize_messages(messages: list) -> list:
             for m in messages]
 
 
-def load_images(sample: CalibSample) -> list:
+def bounded_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, to at most `max_pixels` pixels (None: unchanged)."""
+    if max_pixels is None or width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    w, h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    return w, h
+
+
+def load_images(sample: CalibSample, max_pixels: int | None = None) -> list:
+    """The sample's images in RGB, each downscaled (bicubic) to at most `max_pixels` pixels: the
+    processor then tiles or patches the smaller image (fewer vision tokens), its own bound still applying."""
     from PIL import Image
 
     images = []
     for path in sample.image_paths:
         with Image.open(path) as img:
-            images.append(img.convert("RGB"))
+            rgb = img.convert("RGB")
+        size = bounded_size(*rgb.size, max_pixels)
+        images.append(rgb if size == rgb.size else rgb.resize(size, Image.Resampling.BICUBIC))
     return images
 
 
@@ -53,11 +74,12 @@ def answer_suffix(processor, messages: list) -> tuple[str, str]:
     return suffix[:end], suffix[end:]
 
 
-def encode_sample(processor, sample: CalibSample) -> dict:
-    """Model inputs for one sample (batch of 1) plus `labels` [1, T] on the answer tokens only."""
+def encode_sample(processor, sample: CalibSample, max_pixels: int | None = None) -> dict:
+    """Model inputs for one sample (batch of 1) plus `labels` [1, T] on the answer tokens only;
+    images bounded by `max_pixels` (load_images)."""
     messages = normalize_messages(sample.messages)
     text = processor.apply_chat_template(messages, tokenize=False)
-    images = load_images(sample)
+    images = load_images(sample, max_pixels)
     inputs = processor(text=[text], images=images or None, return_tensors="pt")
     labelled, tail = answer_suffix(processor, messages)
     tokenizer = processor.tokenizer

@@ -3,8 +3,10 @@
 Tensor sizes come from the safetensors headers (names mapped to the model's modules by the
 skeleton built on the meta device, tlq/multirank/stage_model.py); a folder with only a config.json
 (a stand-in for a model not downloaded yet) uses the skeleton's shapes. Token counts come from
-encoding the calibration set with the folder's processor; `--tokens-per-sample T` (with
-`--max-samples N`: N samples of T tokens) states them instead, which a config-only folder needs.
+encoding the calibration set with the folder's processor (images bounded by --max-pixels); without
+one, the images' vision tokens are counted from config.json (Qwen2-VL's pixel bound, LLaVA-OneVision's
+anyres tiles: tlq/data/image_tokens.py) and the text is assumed (`assumed_tokens`);
+`--tokens-per-sample T` (with `--max-samples N`: N samples of T tokens) states them instead.
 Stages are the ones a run would use (tlq/multirank/plan.py).
 
 Notation: S = calibration tokens x hidden x dtype bytes (one hidden-state stream); bt = the largest
@@ -51,7 +53,10 @@ from tlq.calib.group_inputs import token_batches
 from tlq.calib.rss import MMAP_THRESHOLD
 from tlq.errors import TLQError
 
-ASSUMED_TOKENS_PER_SAMPLE = 1024
+# without a processor: byte-level BPE averages about 4 bytes of English per token, so 3 leans high;
+# each chat turn adds its role markers
+ASSUMED_TEXT_BYTES = 3
+TEMPLATE_TOKENS = 8
 RUNTIME_BYTES = 480 * 2**20  # a calibrating process without its tensors: measured 480-530 MiB RSS on CPU
 CAPTURE_BYTES = 100 * 2**20  # rank 0: processor, encoded samples, capture (measured ~110 MiB, 32 samples)
 DEFAULT_HOST_MEMORY_GIB = 16.0
@@ -130,11 +135,28 @@ def _sizes(model, source) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+def assumed_tokens(sample, source, max_pixels: int | None) -> int:
+    """Tokens of a sample without the folder's processor (a config-only folder): its images' vision
+    tokens counted from config.json (tlq/data/image_tokens.py: Qwen2-VL's pixel bound, LLaVA-OneVision's
+    anyres tiles), its text assumed at one token per ASSUMED_TEXT_BYTES bytes plus the chat template's."""
+    from PIL import Image
+
+    from tlq.data.calib import answer_text
+    from tlq.data.image_tokens import image_tokens
+    vision = 0
+    for path in sample.image_paths:
+        with Image.open(path) as img:
+            vision += image_tokens(source.adapter.name, source.config, *img.size, max_pixels)
+    text = sum(len(answer_text(m).encode()) for m in sample.messages)
+    return vision + math.ceil(text / ASSUMED_TEXT_BYTES) + TEMPLATE_TOKENS * len(sample.messages)
+
+
 def calibration_lengths(cfg: CalibConfig, source, tokens_per_sample: int | None) -> tuple[list[int], bool]:
     """Tokens per calibration sample, and whether they were counted (True) or stated/assumed (False).
 
     With `tokens_per_sample` the calibration set is `cfg.max_samples` samples of that length (the
-    bundled set's size without --max-samples), whatever the folder holds."""
+    bundled set's size without --max-samples), whatever the folder holds. Images are bounded by
+    `cfg.max_pixels` as the run bounds them."""
     from tlq.calib.phases import load_samples
     if tokens_per_sample is not None:
         if tokens_per_sample < 1:
@@ -148,8 +170,8 @@ def calibration_lengths(cfg: CalibConfig, source, tokens_per_sample: int | None)
         processor = None
     if processor is not None:
         from tlq.data.processing import encode_sample
-        return [int(encode_sample(processor, s)["input_ids"].shape[-1]) for s in samples], True
-    return [ASSUMED_TOKENS_PER_SAMPLE] * len(samples), False
+        return [int(encode_sample(processor, s, cfg.max_pixels)["input_ids"].shape[-1]) for s in samples], True
+    return [assumed_tokens(s, source, cfg.max_pixels) for s in samples], False
 
 
 def search_tokens(lengths: list[int], budget: int) -> int:
@@ -357,8 +379,10 @@ def _gib(n: int | None) -> str:
 
 
 def format_estimate(est: MemoryEstimate) -> str:
-    tokens = (f"{est.samples} samples, {est.tokens} tokens (longest {est.longest})" if est.tokens_exact else
-              f"{est.samples} samples x {est.longest} tokens ASSUMED (stated, or no processor in the model folder)")
+    tokens = (f"{est.samples} samples x {est.longest} tokens" if est.tokens == est.samples * est.longest else
+              f"{est.samples} samples, {est.tokens} tokens (longest {est.longest})")
+    if not est.tokens_exact:
+        tokens += " ASSUMED (stated, or no processor in the model folder: images counted from config.json)"
     lines = [(f"peak memory estimate (GiB): {est.model} ({est.arch}, {est.dtype}), {est.method} {est.scheme}, "
               f"device {est.device}, {len(est.ranks)} rank(s)"),
              f"calibration: {tokens}" if est.samples else "calibration: none (RTN)"]
