@@ -8,7 +8,10 @@ each linear group, W -> W * s, so the float layer computes the same function.
                (q/k/v and gate/up, as the paper and llm-compressor's default mappings)
   auto         awq where activations are quantized, none for weight-only schemes
 
-With ScaleSearchSpec.judge "solver" (TLQ) the searched s of a group is kept only when the
+With ScaleSearchSpec.judge "solver" (TLQ) and a weight-only scheme, the scales are chosen in the layer
+loop instead, group by group from the streamed statistics (tlq/calib/solved_scaling.py). With
+activation quantization (w4a8; the statistics do not transform with s) the searched s of a group is
+kept here only when the
 group's token-weighted output error after the method's solver is lower than with s = 1:
     E(s) = sum_t w_t || Y_t - act(X_t / s) Q(s)^T ||^2,   Q(s) = solver(W s, X / s, X_fp / s)
 with Y = X_fp W^T (corrected exposure; else X W^T). The identity is a candidate, so input
@@ -34,6 +37,13 @@ def resolve_scaling(scaling: str, weight_only: bool) -> str:
     if scaling == "auto":  # activation quantization is where outlier channels hurt: smooth them then
         return "none" if weight_only else "awq"
     return scaling
+
+
+def scales_in_loop(cfg: CalibConfig) -> bool:
+    """Whether the method's input scales are chosen in the layer loop, group by group from the streamed
+    statistics (tlq/calib/solved_scaling.py), rather than here before the layer is solved."""
+    return (cfg.scheme.weight_only and cfg.method.scale_search.judge == "solver"
+            and resolve_scaling(cfg.method.input_scaling, True) == "awq" and SOLVERS[cfg.method.solver].needs_data)
 
 
 def fold_scale(layer: nn.Module, group: LinearGroup, s: torch.Tensor) -> bool:
@@ -87,7 +97,7 @@ def scale_layer_inputs(layer: nn.Module, layer_prefix: str, hidden: list[torch.T
     tensors that are not quantized linears (norm weights) by full tensor name. `fp_hidden` (the float
     stream) gives the judge its targets under corrected exposure."""
     scaling = resolve_scaling(cfg.method.input_scaling, cfg.scheme.weight_only)
-    if scaling == "none":
+    if scaling == "none" or scales_in_loop(cfg):
         return {}
     device, method = cfg.device, cfg.method
     scales = []
@@ -123,4 +133,6 @@ def scale_layer_inputs(layer: nn.Module, layer_prefix: str, hidden: list[torch.T
         prev = get_submodule(layer, group.prev_op)
         if not isinstance(prev, nn.Linear):
             overrides[f"{layer_prefix}.{group.prev_op}.weight"] = prev.weight.detach().cpu().clone()
+        elif prev.bias is not None:  # the linear's weight is quantized later; its bias is stored as it is
+            overrides[f"{layer_prefix}.{group.prev_op}.bias"] = prev.bias.detach().cpu().clone()
     return overrides

@@ -16,7 +16,8 @@ from tlq.calib.capture import to_device
 from tlq.calib.config import CalibConfig
 from tlq.calib.group_inputs import search_samples, stream_group
 from tlq.calib.importance import group_weights
-from tlq.calib.input_scaling import scale_layer_inputs
+from tlq.calib.input_scaling import scale_layer_inputs, scales_in_loop
+from tlq.calib.solved_scaling import GroupSolution, fold_into_previous, solve_group
 from tlq.calib.timing import timed
 from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8
 from tlq.quant.solvers import SOLVERS, SolverSettings
@@ -88,10 +89,13 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
 
     lengths = [h.shape[-2] for h in inputs.calib]
     search = search_samples(lengths, sample_mass(inputs.weights), cfg.search_tokens, layer_seed)
-    with timed("scale search"):
-        sub = inputs.subset(search)
-        overrides = scale_layer_inputs(layer, layer_prefix, sub.calib, sub.kwargs, sub.weights, adapter,
-                                       cfg, dtype, fp_hidden=sub.fp)
+    in_loop = scales_in_loop(cfg)  # TLQ, weight-only: each group's scale is judged at its turn
+    overrides = {}
+    if not in_loop:
+        with timed("scale search"):
+            sub = inputs.subset(search)
+            overrides = scale_layer_inputs(layer, layer_prefix, sub.calib, sub.kwargs, sub.weights, adapter,
+                                           cfg, dtype, fp_hidden=sub.fp)
     # the float (scaled) layer: targets of corrected exposure; with fp exposure also where every
     # group reads its inputs, so later groups do not see the earlier groups' rounding (AutoAWQ's input_feat)
     fp_scaled = copy.deepcopy(layer) if method.exposure in ("corrected", "fp") else None
@@ -117,13 +121,21 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
                                 inputs.calib, inputs.fp, inputs.kwargs, device, weights=w, keep=keep,
                                 act_quant=not scheme.weight_only, batch_tokens=cfg.batch_tokens,
                                 search=search if method.clip_search else None)
-        for name in group.names:
-            lin = get_submodule(layer, name)
-            with timed("solve"):
-                qw = solve(lin.weight.detach().float(), data, no_clip if name in adapter.qk_linears else settings)
+        if in_loop:
+            solution = solve_group(layer, group, data, cfg, dtype, settings)
+        else:
+            solution = GroupSolution({}, None)
+            for name in group.names:
+                with timed("solve"):
+                    weight = get_submodule(layer, name).weight.detach().float()
+                    solution.weights[name] = solve(weight, data, no_clip if name in adapter.qk_linears else settings)
+        for name, qw in solution.weights.items():
             with torch.no_grad():
+                lin = get_submodule(layer, name)
                 lin.weight.copy_(qw.dequantize(lin.weight.dtype))
             quantized[f"{layer_prefix}.{name}"] = qw.to("cpu")
+        if solution.scale is not None:
+            overrides.update(fold_into_previous(layer, layer_prefix, group, solution.scale, quantized, dtype))
         data.stats.release()
         if not scheme.weight_only:
             hooks += add_activation_quant(layer, group.names)

@@ -4,6 +4,7 @@ For the kept tokens t of all samples, with token weights w_t (1 for uniform meth
 the calibration path and x_fp,t on the float path (corrected exposure only):
 
     M = sum_t w_t x_t x_t^T          C = sum_t w_t x_fp,t x_t^T          S = sum_t w_t
+    a = sum_t w_t |x_t|  (the activation statistic of the input-scale search, a K-vector)
 
 Then H = 2 M / S is the (token-weighted) GPTQ Hessian, and the exposure-corrected target needs only
 M / S and C / S (tlq/quant/weighted_gptq.py). Inputs are folded in batch by batch (`add`) and
@@ -61,7 +62,9 @@ class InputStatistics:
         self.M: torch.Tensor | None = None
         self.C: torch.Tensor | None = None
         self.S: torch.Tensor | float = 0.0
+        self.abs_sum: torch.Tensor | None = None
         self.tokens = 0
+        self.input_scale: torch.Tensor | None = None  # set by scale_inputs_
         self._exposure: dict[float, ExposureFactor] = {}
         self._gptq: dict[tuple[float, bool], HessianFactor] = {}
 
@@ -82,6 +85,8 @@ class InputStatistics:
             raise TLQError(f"FP inputs {tuple(X_fp.shape)} and exposed inputs {tuple(X.shape)} differ; "
                            "both paths must see the same tokens")
         Dx = X if w is None else X * w[:, None]
+        batch_abs = Dx.abs().sum(0)  # w >= 0, so |w x| = w |x|
+        self.abs_sum = batch_abs if self.abs_sum is None else self.abs_sum + batch_abs
         if self.M is None:  # the first batch: exactly the all-at-once product
             self.M = X.T @ Dx
             self.C = None if X_fp is None else X_fp.float().reshape(-1, X.shape[-1]).T @ Dx
@@ -104,13 +109,32 @@ class InputStatistics:
         self._check()
         return (2.0 / self.S) * self.M
 
+    def activation_statistic(self) -> torch.Tensor:
+        """a / S: the (token-weighted) mean |x| per input channel, AWQ's get_act_scale."""
+        self._check()
+        return self.abs_sum / self.S
+
+    def input_energy(self) -> torch.Tensor:
+        """diag(M) / S: the (token-weighted) mean x^2 per input channel (read before the GPTQ factor)."""
+        self._check()
+        if self.M is None:
+            raise TLQError("input energy read after the GPTQ factor consumed M; read it first")
+        return torch.diag(self.M) / self.S
+
     def exposure_factor(self, damp: float) -> ExposureFactor:
         """The exposure target's shared factor (cached); C is normalised in place (not needed otherwise)."""
+        if damp not in self._exposure and self.C is None:
+            raise TLQError("exposure correction needs the float path's inputs; none were collected")
+        return self.gram_factor(damp)
+
+    def gram_factor(self, damp: float) -> ExposureFactor:
+        """Cholesky factor L of A + lam I, A = M / S, with C / S when the float path was collected (cached;
+        the exposure factor). It must be built before `gptq_factor` consumes M."""
         if damp in self._exposure:
             return self._exposure[damp]
         self._check()
-        if self.C is None:
-            raise TLQError("exposure correction needs the float path's inputs; none were collected")
+        if self.M is None:
+            raise TLQError("the Gram factor was requested after the GPTQ factor consumed M; build it first")
         # column-major storage: LAPACK factors it in place (a row-major out= costs a K x K temporary)
         K = self.M.shape[0]
         A = torch.empty_strided((K, K), (1, K), dtype=self.M.dtype, device=self.M.device)
@@ -120,10 +144,12 @@ class InputStatistics:
         _, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
         if info != 0:
             raise TLQError("exposure correction: the exposed-input Gram matrix is singular; raise damp")
-        self.C.div_(self.S)
-        # on a GPU, C waits in host memory while GPTQ's factor is built (one K x K less on the device)
-        C = self.C.cpu() if self.C.device.type != "cpu" else self.C
-        self.C = None
+        C = None
+        if self.C is not None:
+            self.C.div_(self.S)
+            # on a GPU, C waits in host memory while GPTQ's factor is built (one K x K less on the device)
+            C = self.C.cpu() if self.C.device.type != "cpu" else self.C
+            self.C = None
         self._exposure[damp] = ExposureFactor(A, C, lam)
         return self._exposure[damp]
 
@@ -139,6 +165,19 @@ class InputStatistics:
             self._gptq[key] = hessian_factor(self.M, damp, act_order, overwrite=True)
             self.M = None
         return self._gptq[key]
+
+    def scale_inputs_(self, s: torch.Tensor, damp: float, act_order: bool) -> None:
+        """From now on solve in the coordinates x / s (TLQ's judged input scaling, tlq/calib/solved_scaling.py).
+
+        With D = diag(1/s) the scaled problem has H' = D H D; damping it alike, D (H + lam I) D, gives
+        (H'_damped)^-1 = (U D^-1)^T (U D^-1), so GPTQ's factor becomes U diag(s) (columns in processing
+        order) without a new factorisation, and the exposure target becomes T diag(s) (the ridge is
+        scale-equivariant the same way). The shared GPTQ factor is rescaled in place: solve every
+        linear of the group in the unscaled coordinates first.
+        """
+        factor = self.gptq_factor(damp, act_order)
+        factor.U.mul_(s.to(factor.U)[factor.perm][None, :])
+        self.input_scale = s
 
     def release(self) -> None:
         """Drop every K x K buffer (the group is solved)."""

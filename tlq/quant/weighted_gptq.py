@@ -87,10 +87,15 @@ def weighted_gptq_quantize(W: torch.Tensor, X_q: torch.Tensor, scheme: QuantSche
 def weighted_gptq_from_statistics(W: torch.Tensor, stats: InputStatistics, scheme: QuantScheme,
                                   scale_dtype: torch.dtype, *, damp: float = 0.01, act_order: bool = False,
                                   exposure_strength: float = 1.0, block_size: int = 128) -> QuantizedWeight:
-    """`weighted_gptq_quantize` for one linear from accumulated statistics (they are consumed)."""
+    """`weighted_gptq_quantize` for one linear from accumulated statistics (they are consumed).
+
+    After `stats.scale_inputs_(s)` the result is the weight of the scaled inputs x / s: codes and
+    scales of T diag(s) (InputStatistics.scale_inputs_)."""
     target = W.float()
     if stats.cross and exposure_strength > 0:
         target = exposure_target(W, stats.exposure_factor(damp), exposure_strength)
+    if stats.input_scale is not None:
+        target = target * stats.input_scale.to(target)[None, :]
     factor = stats.gptq_factor(damp, act_order)
     return gptq_core(target, None, scheme, scale_dtype, damp=damp, block_size=block_size, act_order=act_order,
                      factor=factor)[0]

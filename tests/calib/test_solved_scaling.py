@@ -1,0 +1,160 @@
+"""TLQ's in-loop input scaling (tlq/calib/solved_scaling.py): the error the judge reads is the error on
+the tokens, the scaled solve is the scaled problem, the identity never loses, and folding into an
+already-quantized linear keeps what the checkpoint stores equal to what the layer computes."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+from reference.blocks import decoder_layer
+
+from tlq.adapters import QWEN2_VL, get_submodule
+from tlq.calib.config import METHODS, CalibConfig
+from tlq.calib.layer_solve import LayerInputs, calibrate_layer
+from tlq.calib.probes import collect_inputs
+from tlq.calib.input_scaling import scales_in_loop
+from tlq.calib.solved_scaling import OutputError, fold_into_previous, solve_group
+from tlq.quant.gptq import HessianFactor, gptq_core
+from tlq.quant.qparams import quantize_rtn
+from tlq.quant.solvers import GroupData, SolverSettings
+from tlq.quant.statistics import InputStatistics
+from tlq.quant.weighted_gptq import weighted_gptq_from_statistics
+from tlq.schemes import get_scheme
+
+W3 = get_scheme("w3a16").with_overrides(group_size=32)
+
+
+def _cfg(tmp_path, scheme=W3, method="tlq"):
+    return CalibConfig(model=tmp_path, out=tmp_path / "o", method=METHODS[method], scheme=scheme)
+
+
+def _token_error(W, Q, X, X_fp, w):
+    """sum_t w_t (||W x_fp - Q x||^2 - ||W x_fp - W x||^2) / sum w, in float64 from the tokens."""
+    W, Q, X, X_fp, w = (t.double() for t in (W, Q, X, X_fp, w))
+    Y = X_fp @ W.T
+    return float((w * ((Y - X @ Q.T).square().sum(1) - (Y - X @ W.T).square().sum(1))).sum() / w.sum())
+
+
+@pytest.mark.parametrize("cross", [True, False], ids=["fp-path", "no-fp-path"])
+def test_output_error_is_the_error_on_the_tokens(cross):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 24, generator=g)
+    X_fp = X + 0.1 * torch.randn(300, 24, generator=g) if cross else X
+    w = torch.rand(300, generator=g) + 0.1
+    W = torch.randn(8, 24, generator=g)
+    Q = W + 0.05 * torch.randn(8, 24, generator=g)
+    stats = InputStatistics.from_tensors(X, w, X_fp if cross else None)
+    got = OutputError(W, stats.gram_factor(0.01))(Q)
+    assert got == pytest.approx(_token_error(W, Q, X, X_fp, w), rel=1e-4)
+
+
+def test_scaled_solve_is_the_scaled_problem():
+    """After scale_inputs_(s), GPTQ solves X/s, W s with the damping scaled alike: same as building that
+    problem's factor from scratch."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(400, 64, generator=g) * torch.linspace(0.2, 3, 64)
+    W = torch.randn(16, 64, generator=g)
+    s = torch.rand(64, generator=g) + 0.5
+    stats = InputStatistics.from_tensors(X)
+    stats.scale_inputs_(s, 0.01, False)
+    got = weighted_gptq_from_statistics(W, stats, W3, torch.float32, damp=0.01)
+    H = 2 * X.T @ X / 400
+    lam = 0.01 * torch.diag(H).mean()
+    D = torch.diag(1 / s)
+    H_scaled = D @ (H + lam * torch.eye(64)) @ D
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H_scaled)), upper=True)
+    want, _ = gptq_core(W * s, None, W3, torch.float32,
+                        factor=HessianFactor(U, torch.arange(64), torch.zeros(64, dtype=torch.bool)))
+    assert (got.codes == want.codes).float().mean() > 0.99
+    torch.testing.assert_close(got.dequantize(), want.dequantize(), rtol=0, atol=2 * float(want.scales.max()))
+
+
+@pytest.mark.parametrize("outliers", [True, False], ids=["outlier-channels", "plain"])
+def test_the_judged_scale_never_loses_on_the_tokens(outliers, tmp_path):
+    layer, hidden, kw = decoder_layer(seed=0 if outliers else 1, T=96)
+    if not outliers:
+        layer.input_layernorm.weight.uniform_(0.9, 1.1)
+        layer.post_attention_layernorm.weight.uniform_(0.9, 1.1)
+    cfg = _cfg(tmp_path)
+    settings = SolverSettings(W3, torch.float32, damp=cfg.damp, exposure_strength=cfg.exposure_strength)
+    kept = []
+    for group in QWEN2_VL.linear_groups:
+        X = collect_inputs(layer, group.names[0], [hidden], [kw], "cpu")
+        w = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(2)) + 0.2
+        solution = solve_group(layer, group, GroupData(X[:0], w, None, InputStatistics.from_tensors(X, w, X)),
+                               cfg, torch.float32, settings)
+        plain = solve_group(layer, group, GroupData(X[:0], w, None, InputStatistics.from_tensors(X, w, X)),
+                            dataclasses.replace(cfg, n_grid=1), torch.float32, settings)
+        assert plain.scale is None  # a one-point grid is the identity alone
+        scale = torch.ones(X.shape[1]) if solution.scale is None else solution.scale
+        err = sum(_token_error(get_submodule(layer, n).weight, q.dequantize() / scale, X, X, w)
+                  for n, q in solution.weights.items())
+        err_plain = sum(_token_error(get_submodule(layer, n).weight, q.dequantize(), X, X, w)
+                        for n, q in plain.weights.items())
+        assert err <= err_plain * (1 + 1e-6), group.names
+        if solution.scale is not None:
+            kept.append(group.names[0])
+            assert solution.error == pytest.approx(err, rel=1e-3)
+    if outliers:  # the outlier channels sit in the two norms' outputs
+        assert {"self_attn.q_proj", "mlp.gate_proj"} <= set(kept)
+
+
+def test_folding_into_a_quantized_linear_divides_its_rows(tmp_path):
+    layer, hidden, kw = decoder_layer(seed=3)
+    up = layer.mlp.up_proj
+    qw = quantize_rtn(up.weight.float(), 3, 32, True, torch.bfloat16)
+    with torch.no_grad():
+        up.weight.copy_(qw.dequantize())
+    quantized = {"l.mlp.up_proj": qw}
+    before = collect_inputs(layer, "mlp.down_proj", [hidden], [kw], "cpu")
+    s = torch.rand(up.weight.shape[0], generator=torch.Generator().manual_seed(4)) * 3 + 0.2
+    group = next(g for g in QWEN2_VL.linear_groups if g.names == ("mlp.down_proj",))
+    changed = fold_into_previous(layer, "l", group, s, quantized, torch.bfloat16)
+    after = collect_inputs(layer, "mlp.down_proj", [hidden], [kw], "cpu")
+    assert changed == {}  # the checkpoint's up_proj is the rescaled quantized one; no float tensor changes
+    want = before / s  # up to the bf16 rounding of the new scales: per channel, relative 2^-8 at most
+    assert float(((after - want).norm(dim=0) / want.norm(dim=0)).max()) < 2**-7
+    assert torch.equal(quantized["l.mlp.up_proj"].dequantize(), up.weight)
+    assert torch.equal(quantized["l.mlp.up_proj"].codes, qw.codes)
+
+
+@pytest.mark.parametrize("prev", ["input_layernorm", "post_attention_layernorm"])
+def test_folding_into_a_norm_preserves_the_float_function(prev, tmp_path):
+    """fp32: s in the norm and W s in the group compute the same layer to a relative error below 1e-5."""
+    layer, hidden, kw = decoder_layer(seed=5)
+    before = layer(hidden, **kw)
+    group = next(g for g in QWEN2_VL.linear_groups if g.prev_op == prev)
+    s = torch.rand(64, generator=torch.Generator().manual_seed(6)) * 4 + 0.1
+    changed = fold_into_previous(layer, "l", group, s, {}, torch.float32)
+    with torch.no_grad():
+        for n in group.names:
+            get_submodule(layer, n).weight.mul_(s[None, :])
+    assert set(changed) == {f"l.{prev}.weight"}
+    assert float((layer(hidden, **kw) - before).norm() / before.norm()) < 1e-5
+
+
+def test_calibrated_layer_is_what_the_checkpoint_stores(tmp_path):
+    """Every fold lands in the quantized weights or the float overrides: the layer in memory (what the
+    next layer calibrates on) equals the stored tensors, and the layer still approximates the float one."""
+    layer, hidden, kw = decoder_layer(seed=0, T=96)
+    float_layer = copy.deepcopy(layer)
+    cfg = _cfg(tmp_path)
+    assert scales_in_loop(cfg)
+    weights = [{"attn": torch.ones(96), "mlp": torch.ones(96)}]
+    quantized, overrides, _ = calibrate_layer(layer, "l", LayerInputs([hidden], [hidden], [kw], weights), QWEN2_VL,
+                                              cfg, torch.float32, 0)
+    for name, qw in quantized.items():
+        assert torch.equal(qw.dequantize(), get_submodule(layer, name.removeprefix("l.")).weight), name
+    for name, value in overrides.items():
+        module, attr = name.removeprefix("l.").rsplit(".", 1)
+        assert torch.equal(value, getattr(get_submodule(layer, module), attr)), name
+    assert any(n.endswith("layernorm.weight") for n in overrides), "the outlier layer keeps some scaling"
+    y, y_fp = layer(hidden, **kw), float_layer(hidden, **kw)
+    assert float((y - y_fp).norm() / y_fp.norm()) < 0.2
+
+
+def test_only_tlq_weight_only_scales_in_the_loop(tmp_path):
+    assert scales_in_loop(_cfg(tmp_path))
+    assert not scales_in_loop(_cfg(tmp_path, scheme=get_scheme("w4a8")))
+    for method in ("awq", "mbq", "gptq", "smoothquant"):
+        assert not scales_in_loop(_cfg(tmp_path, method=method))

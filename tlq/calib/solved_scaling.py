@@ -1,0 +1,141 @@
+"""TLQ's input scaling for weight-only schemes: chosen by the loss after the solver, on every token.
+
+A group's input-channel scale s (X -> X / s folded into the op before it, W -> W s) changes only
+where the quantization grid falls; the solver that follows (GPTQ) decides how much that helps.
+So TLQ searches s inside the layer loop, at the group's turn, from the group's streamed statistics
+M, C, S, a (tlq/quant/statistics.py) of its exposed inputs:
+
+  1. proxy: over AWQ's grid s_alpha = a^alpha (normalised; tlq/quant/scale_search.py), minimise the
+     activation-weighted RTN error  sum_k A_kk ||W_:k - RTN(W s)_:k / s_k||^2,  A = M / S.
+     This is the expectation of the RTN error tr(E A E^T) when rounding errors of different
+     columns are uncorrelated, at O(NK) per candidate instead of O(NK^2).
+  2. judge: solve the group both ways, Q_1 = solver(W) and Q_s = solver(W s) / s (in the scaled
+     coordinates the damped Hessian is D (H + lam I) D, D = diag(1/s), so one factorisation serves
+     both: InputStatistics.scale_inputs_), and keep s only if the group's token-weighted output
+     error against the float path is lower:
+        E(Q) = sum_t w_t || W x_fp,t - Q x_t ||^2 / S
+     computed exactly over every kept token from the statistics, relative to E(W) so that no large
+     terms cancel:  E(Q) - E(W) = ||D L||^2 - lam ||D||^2 + 2 <D, W A - W C/S>,  D = Q - W,
+     A + lam I = L L^T (the exposure factor). Without the float path C/S = A.
+  3. fold: the winner's s goes into the group's previous op: a norm's weight, or the rows of a
+     previous linear. That linear (v_proj before o_proj, up_proj before down_proj) is already
+     quantized, so its per-row scales are divided by s (its codes stay; the new scales are rounded
+     to the checkpoint's scale dtype, a relative change below 2^-8 of the row).
+
+The identity is always a candidate, so on the calibration tokens scaling never makes a solved group
+worse. The published AWQ / MBQ searches (scored by RTN alone, before any group is quantized) and
+activation-quantized schemes (whose statistics do not transform with s) use tlq/calib/input_scaling.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tlq.adapters import LinearGroup, get_submodule
+from tlq.calib.config import CalibConfig
+from tlq.calib.input_scaling import can_fold
+from tlq.calib.timing import timed
+from tlq.quant.qparams import QuantizedWeight, quantize_rtn
+from tlq.quant.scale_search import scale_candidates, weight_magnitude
+from tlq.quant.solvers import SOLVERS, GroupData, SolverSettings
+from tlq.quant.statistics import ExposureFactor, InputStatistics
+
+
+@dataclass
+class GroupSolution:
+    """The solved linears of a group and the input scale they assume (None: unscaled)."""
+
+    weights: dict[str, QuantizedWeight]
+    scale: torch.Tensor | None
+    error: float | None = None  # E(Q) - E(W) summed over the group's linears (when judged)
+
+
+def proxy_scale(Ws: list[torch.Tensor], stats: InputStatistics, cfg: CalibConfig, dtype: torch.dtype
+                ) -> torch.Tensor | None:
+    """Step 1 of the module docstring: the grid's best s, None when the identity wins."""
+    scheme, spec = cfg.scheme, cfg.method.scale_search
+    energy = stats.input_energy()
+    stat = stats.activation_statistic()
+    w_mean = weight_magnitude(Ws, scheme.group_size).to(energy) if spec.duo_scaling else None
+    best, best_s = float("inf"), None
+    for step, s in enumerate(scale_candidates(stat, cfg.n_grid, w_mean)):
+        loss = 0.0
+        for W in Ws:
+            Q = quantize_rtn(W * s, scheme.bits, scheme.group_size, scheme.symmetric, dtype).dequantize().to(W)
+            loss += float(((W - Q / s).square() * energy).sum())
+        if loss < best:
+            best, best_s = loss, (None if step == 0 and w_mean is None else s)
+    return best_s
+
+
+class OutputError:
+    """E(Q) - E(W) of the module docstring for one linear (W [N, K] float, unscaled coordinates)."""
+
+    def __init__(self, W: torch.Tensor, gram: ExposureFactor):
+        self.L, self.lam, self.W = gram.L, gram.lam, W.to(gram.L)
+        W = self.W
+        # W A - W C/S, with A = L L^T - lam I; zero without the float path (C/S = A)
+        self.pull = None if gram.C is None else (W @ self.L) @ self.L.T - self.lam * W - W @ gram.C.to(W)
+
+    def __call__(self, Q: torch.Tensor) -> float:
+        D = Q.to(self.W) - self.W
+        error = (D @ self.L).square().sum() - self.lam * D.square().sum()
+        if self.pull is not None:
+            error = error + 2 * (D * self.pull).sum()
+        return float(error)
+
+
+def solve_group(layer: nn.Module, group: LinearGroup, data: GroupData, cfg: CalibConfig, dtype: torch.dtype,
+                settings: SolverSettings) -> GroupSolution:
+    """Steps 1-2 for one group of `layer` (its weights still float): the solved linears (on the CPU)
+    and their scale."""
+    solve = SOLVERS[cfg.method.solver].solve
+    Ws = {n: get_submodule(layer, n).weight.detach().float() for n in group.names}
+    stats = data.statistics()
+    with timed("scale search"):
+        s = proxy_scale(list(Ws.values()), stats, cfg, dtype) if can_fold(layer, group, stats.M.shape[0]) else None
+    if s is None:
+        with timed("solve"):
+            return GroupSolution({n: solve(W, data, settings).to("cpu") for n, W in Ws.items()}, None)
+    with timed("scale search"):
+        errors = {n: OutputError(W, stats.gram_factor(settings.damp)) for n, W in Ws.items()}  # before M is consumed
+    with timed("solve"):
+        plain = {n: solve(W, data, settings) for n, W in Ws.items()}
+    with timed("scale search"):
+        plain_error = sum(errors[n](q.dequantize()) for n, q in plain.items())
+        plain = {n: q.to("cpu") for n, q in plain.items()}
+        stats.scale_inputs_(s, settings.damp, settings.act_order)
+        scaled = {n: solve(W, data, settings) for n, W in Ws.items()}
+        scaled_error = sum(errors[n](q.dequantize() / s.to(q.scales)) for n, q in scaled.items())
+    if scaled_error < plain_error:
+        return GroupSolution({n: q.to("cpu") for n, q in scaled.items()}, s, scaled_error)
+    return GroupSolution(plain, None, plain_error)  # the identity wins (ties too)
+
+
+def fold_into_previous(layer: nn.Module, layer_prefix: str, group: LinearGroup, s: torch.Tensor,
+                       quantized: dict[str, QuantizedWeight], scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Step 3: X -> X / s in the group's previous op of `layer`; returns the changed float tensors
+    (norm weight, linear bias) by full name. A quantized previous linear (in `quantized`, by full
+    name) has its row scales divided by s and its layer weight set to the new dequantized values."""
+    prev = get_submodule(layer, group.prev_op)
+    full = f"{layer_prefix}.{group.prev_op}"
+    changed = {}
+    with torch.no_grad():
+        if isinstance(prev, nn.Linear):
+            if full in quantized:
+                qw = quantized[full]
+                scales = (qw.scales / s.to(qw.scales)[:, None]).to(scale_dtype).float()
+                quantized[full] = QuantizedWeight(qw.codes, scales, qw.zeros, qw.bits, qw.group_size, qw.g_idx)
+                prev.weight.copy_(quantized[full].dequantize(prev.weight.dtype))
+            else:  # a float linear (not quantized): its new rows are written as they are
+                prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+                changed[f"{full}.weight"] = prev.weight.detach().cpu().clone()
+            if prev.bias is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+                changed[f"{full}.bias"] = prev.bias.detach().cpu().clone()
+        else:  # RMSNorm-style scale vector
+            prev.weight.div_(s.to(prev.weight.dtype))
+            changed[f"{full}.weight"] = prev.weight.detach().cpu().clone()
+    return changed
