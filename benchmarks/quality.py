@@ -28,7 +28,7 @@ import torch
 from benchmarks.fixtures import train as training
 from benchmarks.fixtures.outliers import PRESETS as OUTLIER_PRESETS
 from benchmarks.fixtures.outliers import ensure_outlier_model
-from benchmarks.quality_lib import grid, report
+from benchmarks.quality_lib import grid, peers, report
 from benchmarks.quality_lib.evaluate import build_eval_set, load_for_eval, run_eval, summarize
 from benchmarks.quality_lib.runner import RunLog, RunOptions, options_key, run_cell
 
@@ -59,6 +59,12 @@ def parse_args(argv):
                         "benchmarks/fixtures/outliers.py); none: the plain trained models")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the RTN g64 fixture check")
     p.add_argument("--cache", type=Path, default=None, help="trained-model cache root (default $TLQ_CACHE/trained)")
+    p.add_argument("--lc-python", type=Path, default=None,
+                   help="python of llm-compressor's venv: adds its GPTQ/AWQ/SmoothQuant as peer rows (lc-*) beside "
+                        "ours, on the same samples and scorer (benchmarks/quality_lib/peers.py)")
+    p.add_argument("--peers", nargs="+", default=None, choices=list(peers.PEERS) + list(peers.VARIANTS),
+                   help="peer rows to run with --lc-python (default: lc-gptq lc-awq lc-smoothquant, each where "
+                        "our method runs); lc-*-no-* rows change one llm-compressor default to ours")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else {}
     args.seeds = args.seeds or preset.get("seeds", [0, 1, 2])
@@ -69,6 +75,8 @@ def parse_args(argv):
         args.ablation_settings = preset.get("ablation_settings", ["w3a16", "w4a8"])
     args.ablation_settings = [s for s in args.ablation_settings if s in args.settings]
     args.mode = "quick" if args.quick else "full"
+    if args.lc_python is not None:
+        args.lc_python = peers.check_python(args.lc_python)
     return args
 
 
@@ -106,7 +114,19 @@ def evaluate_model(arch: str, args, data: Path, opts: RunOptions, log: RunLog):
                 s = rec["summary"]["all"]
                 _say(f"{arch} {setting.label} {method} seed {seed}: acc {s['accuracy']:.1f} KL {s['kl']:.2e} "
                      f"({rec['calib_seconds']:.0f}s + {rec['eval_seconds']:.0f}s)")
+        for peer in peers_of(setting, args):
+            for seed in opts.seeds:
+                rec = peers.run_peer(arch, model_dir, setting, peer, seed, opts, data / "calib.jsonl", work, evalset,
+                                     reference, log, args.lc_python)
+                s = rec["summary"]["all"]
+                _say(f"{arch} {setting.label} {peer} seed {seed}: acc {s['accuracy']:.1f} KL {s['kl']:.2e} "
+                     f"({rec['calib_seconds']:.0f}s + {rec['eval_seconds']:.0f}s)")
     return fp_summary, sens, len(evalset.items), evalset
+
+
+def peers_of(setting, args) -> list[str]:
+    """llm-compressor's rows at `setting` (none without --lc-python)."""
+    return [] if args.lc_python is None else peers.peers_for(setting, args.methods, args.peers)
 
 
 def _outlier_key(args) -> str | None:
@@ -126,6 +146,8 @@ def run_model(arch: str, args) -> dict:
               for m in grid.methods_for(grid.SETTINGS[s], args.methods) for seed in grid.seeds_for(m, args.seeds)}
     wanted |= {(arch, grid.SETTINGS[s].label, m, seed) for s in args.ablation_settings
                for m in grid.extra_rows() for seed in args.seeds}
+    wanted |= {(arch, grid.SETTINGS[s].label, m, seed) for s in args.settings
+               for m in peers_of(grid.SETTINGS[s], args) for seed in args.seeds}
     records = [r for r in log.records if (r["model"], r["setting"], r["method"], r["seed"]) in wanted
                and r["options"] == options_key(opts)]
     return {"arch": arch, "fp": fp, "sens": sens, "records": records, "pool": data / "calib.jsonl",
@@ -152,11 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"mode": args.mode, "split": args.split, "outliers": _outlier_key(args), "calib_samples": args.calib_samples, "seeds": list(args.seeds),
             "pool_size": sum(1 for ln in pool_file.read_text().splitlines() if ln.strip()),
             "settings": args.settings, "methods": args.methods, "ablation_settings": args.ablation_settings,
+            "peers": args.lc_python is not None,
             "minutes": round((time.time() - t0) / 60, 1), "jobs": args.jobs, "torch_threads": 1,
             "cell_minutes": round(sum(r["calib_seconds"] + r["eval_seconds"] for o in outputs for r in o["records"])
                                   / 60, 1),
             **outputs[0]["sizes"]}
-    paths = report.write_reports(args.out, table, report.sensitivity_rows(sens, fp), report.verdicts(table), meta)
+    paths = report.write_reports(args.out, table, report.sensitivity_rows(sens, fp), report.verdicts(table), meta,
+                                 report.peer_rows(table))
     _say(f"done in {meta['minutes']} min: " + ", ".join(str(p) for p in paths.values()))
     return {"table": table, "paths": paths}
 

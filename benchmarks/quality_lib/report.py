@@ -3,6 +3,8 @@
 Avg is the macro average of exact-match accuracy over question types (as the MBQ/TLQ tables
 average over benchmarks); recovery is Avg / FP Avg; KL is the mean KL(FP || quantized) per
 answer token. Every number is mean ± sample standard deviation over calibration seeds.
+Peer rows (lc-*, benchmarks/quality_lib/peers.py) are llm-compressor's methods on the same samples;
+`peer_rows` sets each of our baselines against its peer by the ratio of their KLs.
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.fixtures.tasks import IMAGE_TYPES, TEXT_TYPES
+from benchmarks.quality_lib import peers
 from benchmarks.quality_lib.grid import BASELINES, LABELS, SENSITIVITY, SETTINGS
 from tlq.atomic import write_atomic, write_file_atomic
 
 TYPES = IMAGE_TYPES + TEXT_TYPES
+ROW_LABELS = {**LABELS, **peers.LABELS}
+PEER_TOLERANCE = 0.15  # issue 15: our GPTQ/AWQ/SmoothQuant within +-15 % of llm-compressor's KL
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -79,6 +84,25 @@ def verdicts(table: dict) -> list[dict]:
     return rows
 
 
+def peer_rows(table: dict) -> list[dict]:
+    """Each of our baselines against llm-compressor's same method: KL ratio ours / peer and a verdict."""
+    rows = []
+    for model, settings in table.items():
+        for setting, methods in settings.items():
+            for peer in [*peers.PEERS, *peers.VARIANTS]:
+                ours = peers.our_method(peer)
+                if peer not in methods or ours not in methods:
+                    continue
+                o, p = methods[ours], methods[peer]
+                ratio = o["kl"][0] / p["kl"][0] if p["kl"][0] else float("nan")
+                verdict = ("within" if abs(ratio - 1) <= PEER_TOLERANCE else
+                           "ours better" if ratio < 1 else "peer better")
+                rows.append({"model": model, "setting": setting, "method": ours, "peer": peer, "ours_kl": o["kl"],
+                             "peer_kl": p["kl"], "kl_ratio": ratio, "ours_avg": o["avg"], "peer_avg": p["avg"],
+                             "seeds": [o["seeds"], p["seeds"]], "verdict": verdict})
+    return rows
+
+
 def sensitivity_rows(sens: dict[str, dict], fp: dict[str, dict]) -> list[dict]:
     """The fixture check: RTN g64 accuracy drop per bit width against the issue's thresholds."""
     rows = []
@@ -96,7 +120,7 @@ def _pm(pair, digits=1, scale=1.0) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if s else f"{m:.{digits}f}"
 
 
-def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict) -> str:
+def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict, peer: list[dict] = ()) -> str:
     intro = (f"Calibration: {meta['calib_samples']} samples drawn per seed from a pool of {meta['pool_size']}; "
              f"seeds {meta['seeds']}; test questions: {meta['test_size']} "
              f"({meta['test_image']} need the image, {meta['test_text']} text only). "
@@ -129,10 +153,10 @@ def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict) -> str
     for model, settings in table.items():
         lines += [f"## {model}", "", head, "|" + " --- |" * (len(types) + 7)]
         for setting, methods in settings.items():
-            order = [m for m in LABELS if m in methods] + [m for m in methods if m not in LABELS]
+            order = [m for m in ROW_LABELS if m in methods] + [m for m in methods if m not in ROW_LABELS]
             for method in order:
                 v = methods[method]
-                lines.append(f"| {setting} | {LABELS.get(method, method)} | " +
+                lines.append(f"| {setting} | {ROW_LABELS.get(method, method)} | " +
                              " | ".join(f"{v[t][0]:.1f}" if t in v else "-" for t in types) +
                              f" | {v['needs_image'][0]:.1f} | {v['text_only'][0]:.1f} | {_pm(v['avg'])} | "
                              f"{v['recovery'][0]:.1f} | {_pm(v['kl'], 2, 1e3)} |")
@@ -146,6 +170,18 @@ def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict) -> str
             lines.append(f"| {w['model']} | {w['setting']} | {_pm(w['tlq_avg'])} | {ba[0]} {_pm(ba[1:])} | "
                          f"{w['avg_margin']:+.1f} | {_pm(w['tlq_kl'], 2, 1e3)} | {bk[0]} {_pm(bk[1:], 2, 1e3)} | "
                          f"{w['kl_ratio']:.2f} |")
+        lines.append("")
+    if peer:
+        lines += ["## Our baselines against llm-compressor (same samples, same scorer)", "",
+                  f"KL x1e-3; ratio = ours / llm-compressor; within = ratio in [{1 - PEER_TOLERANCE:.2f}, "
+                  f"{1 + PEER_TOLERANCE:.2f}].", "",
+                  "| model | setting | ours | peer | ours KL | peer KL | ratio | verdict | ours Avg | peer Avg |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in peer:
+            lines.append(f"| {r['model']} | {r['setting']} | {ROW_LABELS[r['method']]} | {ROW_LABELS[r['peer']]} | "
+                         f"{_pm(r['ours_kl'], 2, 1e3)} | "
+                         f"{_pm(r['peer_kl'], 2, 1e3)} | {r['kl_ratio']:.2f} | {r['verdict']} | {_pm(r['ours_avg'])} | "
+                         f"{_pm(r['peer_avg'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -162,7 +198,7 @@ def chart(table: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 8), squeeze=False)
     for col, model in enumerate(models):
         settings = [s for s in table[model] if s != "FP"]
-        methods = [m for m in LABELS if any(m in table[model][s] for s in settings)]
+        methods = [m for m in ROW_LABELS if any(m in table[model][s] for s in settings)]
         width = 0.8 / max(1, len(methods))
         colours = plt.get_cmap("tab20")
         for row, metric in enumerate(("kl", "avg")):
@@ -171,7 +207,7 @@ def chart(table: dict, path: Path) -> Path | None:
                 offset = (j - (len(methods) - 1) / 2) * width
                 xs = [i + offset for i, s in enumerate(settings) if method in table[model][s]]
                 vals = [table[model][s][method][metric] for s in settings if method in table[model][s]]
-                ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=LABELS[method].strip(" -"),
+                ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=ROW_LABELS[method].strip(" -"),
                        color=colours(j % colours.N))  # tab10 would repeat a colour past 10 methods
             if metric == "avg":
                 ax.axhline(table[model]["FP"]["fp"]["avg"][0], color="k", ls="--", lw=1, label="FP")
@@ -185,11 +221,13 @@ def chart(table: dict, path: Path) -> Path | None:
     return path
 
 
-def write_reports(out: Path, table: dict, sens: list[dict], wins: list[dict], meta: dict) -> dict[str, Path]:
+def write_reports(out: Path, table: dict, sens: list[dict], wins: list[dict], meta: dict,
+                  peer: list[dict] = ()) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "quality.json", "md": out / "quality.md", "png": out / "quality.png"}
-    for key, text in (("json", json.dumps({"meta": meta, "table": table, "sensitivity": sens, "tlq_vs_best": wins},
-                                          indent=1)), ("md", markdown(table, sens, wins, meta))):
+    for key, text in (("json", json.dumps({"meta": meta, "table": table, "sensitivity": sens, "tlq_vs_best": wins,
+                                           "ours_vs_peer": list(peer)}, indent=1)),
+                      ("md", markdown(table, sens, wins, meta, peer))):
         write_file_atomic(paths[key], text + "\n")
     if chart(table, paths["png"]) is None:
         del paths["png"]
