@@ -25,19 +25,34 @@ def test_store_round_trip_on_disk_and_in_ram(tmp_path):
 def test_entry_streams_keep_the_float_path_apart(tmp_path):
     """A pipeline stage starts from different quantized and float streams: both survive spilling."""
     from tlq.calib.layer_loop import spill_entry_streams
-    h_q = [torch.full((1, 2, 4), 1.0)]
-    h_fp = [torch.full((1, 2, 4), 2.0)]
+    one, two = torch.full((1, 2, 4), 1.0), torch.full((1, 2, 4), 2.0)
+    h_q, h_fp = [one], [two]
     q, fp = spill_entry_streams(h_q, h_fp, StreamFolder(tmp_path))
-    assert torch.equal(q[0], h_q[0]) and torch.equal(fp[0], h_fp[0]) and q.spilled and fp.spilled
-    same_q, same_fp = spill_entry_streams(h_q, h_q, StreamFolder(tmp_path / "first"))
+    assert torch.equal(q[0], one) and torch.equal(fp[0], two) and q.spilled and fp.spilled
+    assert h_q == [] and h_fp == []  # the lists the caller passed hold nothing in RAM any more
+    same_q, same_fp = spill_entry_streams([one], [one], StreamFolder(tmp_path / "first"))  # same tensors
     assert same_q is same_fp
 
 
 def test_spill_decision():
+    """The streams may take half of --host-memory in RAM (the rest is what never spills)."""
     assert stream_bytes(1000, 256, torch.bfloat16) == 4 * 1000 * 256 * 2
-    assert should_spill(10**6, 4096, torch.bfloat16, 16.0) is True  # 4 * 1e6 * 4096 * 2 B = 30.5 GiB
-    assert should_spill(5 * 10**5, 4096, torch.bfloat16, 16.0) is False  # 15.3 GiB
-    assert should_spill(1, 8, torch.bfloat16, 0.0) is True
+    assert stream_bytes(1000, 256, torch.float32, streams=1) == 1000 * 256 * 4
+    four = stream_bytes(262144, 8192, torch.bfloat16)  # 72B, 256 x 1024 tokens: 16 GiB
+    assert should_spill(four, 16.0) is True
+    assert should_spill(four, 32.0) is False  # exactly the share: not above it
+    assert should_spill(four + 1, 32.0) is True
+    assert should_spill(1, 0.0) is True
+
+
+def test_take_moves_a_list_to_disk_and_empties_it(tmp_path):
+    tensors = [torch.randn(1, 3, 4), torch.randn(1, 2, 4)]
+    held = list(tensors)
+    assert StreamFolder(None).take(held, "x") is held and len(held) == 2  # RAM: unchanged
+    store = StreamFolder(tmp_path).take(held, "x")
+    assert store.spilled and held == [] and all(torch.equal(a, b) for a, b in zip(store, tensors))
+    assert StreamFolder(tmp_path).take(store, "y") is store  # spilled already
+    assert StreamFolder(None).new("z") == []
 
 
 def test_spilled_run_gives_the_same_checkpoint_and_resumes(qwen2_vl_dir, tmp_path):

@@ -109,6 +109,25 @@ def test_a_dying_rank_stops_the_other_and_the_rerun_resumes(qwen2_vl_dir, refere
     assert not list(tmp_path.glob(".ckpt.work-rank*"))
 
 
+@pytest.mark.parametrize("method", ["tlq", "gptq"])
+def test_spilled_stages_write_the_single_process_checkpoint(qwen2_vl_dir, reference, tmp_path, method):
+    """--host-memory 0: each stage keeps every stream in files (the entry streams, the FP targets
+    computed ahead, the streams it receives and sends) where the single process kept them in RAM;
+    tlq takes its FP entry from the gradient pass, gptq from the pipelined FP forward. tlq also dies
+    after rank 1's layer and resumes from the spilled state."""
+    out = tmp_path / "ckpt"
+    args = (str(qwen2_vl_dir), "--out", str(out), "--method", method, "--host-memory", "0", *ARGS)
+    if method == "tlq":
+        died = _torchrun(*args, env=_env(TLQ_TEST_DIE_AFTER_LAYER=1))
+        assert died.returncode != 0 and not out.exists(), died.stderr[-3000:]
+        spilled = tmp_path / ".ckpt.work-rank1of2" / "streams"
+        assert sorted(p.name for p in spilled.iterdir()) == ["L0001-fp", "L0001-q"]
+    done = _torchrun(*args, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert tensor_hashes(out) == tensor_hashes(reference(method)), done.stderr[-3000:]
+    assert not list(tmp_path.glob(".ckpt.work-rank*"))
+
+
 def test_watchdog_stops_a_rank_whose_peer_vanished(qwen2_vl_dir, tmp_path):
     """Launched by hand (no torchrun to stop the survivor): rank 0's heartbeat check notices."""
     env = _env(WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", TLQ_DIST_HEARTBEAT_S=0.5, TLQ_DIST_DEAD_AFTER_S=3)

@@ -6,9 +6,11 @@ For decoder layer i the loop holds two streams of hidden states per sample:
 The method's exposure decides which stream the solver calibrates on (`fp`, `quantized`,
 `corrected` = quantized inputs with the FP outputs as target). After calibration
 h_q <- layer_i^Q(h_q) and h_fp <- y_fp. One decoder layer sits on the compute device at a
-time. After each layer its result and both streams are saved to the work folder, so a
-killed run resumes from the last finished layer and ends with an identical checkpoint.
-Streams larger than the host budget (`--host-memory`) live in files (tlq/calib/streams.py).
+time. After each layer its result (packed by `keep`) and both streams are saved to the work
+folder, so a killed run resumes from the last finished layer and ends with an identical
+checkpoint; the result then leaves RAM, and `LoopResult.results()` reads every layer's back for
+the write. Streams above their share of the host budget (`--host-memory`) live in files
+(tlq/calib/streams.py).
 """
 from __future__ import annotations
 
@@ -28,18 +30,27 @@ from tlq.calib.capture import ANSWER, PROMPT, VISION, CapturedSample
 from tlq.calib.config import CalibConfig
 from tlq.calib.layer_solve import LayerInputs, calibrate_layer, run_layer
 from tlq.calib.rss import rss_mark, trim_heap
-from tlq.calib.streams import SampleStore, StreamFolder, should_spill
-from tlq.quant.qparams import QuantizedWeight
+from tlq.calib.streams import SampleStore, StreamFolder, should_spill, stream_bytes, stream_name
 
 _STATE = "state.pt"
 
 
 @dataclass
 class LoopResult:
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
-    float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    work: WorkFolder
+    layers: range
     layer_stats: list[dict] = field(default_factory=list)
     final_streams: tuple | None = None  # (h_q, h_fp) after the last layer, for the next pipeline stage
+
+    def results(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Every layer's kept quantized linears (packed: `keep`) and float overrides, read back from
+        the work folder, where each went when its layer finished (RAM held only that layer's)."""
+        quantized, overrides = {}, {}
+        for i in self.layers:
+            saved = self.work.load_layer(i)
+            quantized.update(saved["quantized"])
+            overrides.update(saved["float_overrides"])
+        return quantized, overrides
 
 
 def modality_errors(out: list[torch.Tensor], target: list[torch.Tensor], modalities: list[torch.Tensor]) -> dict:
@@ -112,51 +123,60 @@ def _stream_from_ref(ref):
     return ref
 
 
-def spill_entry_streams(h_q, h_fp, streams: StreamFolder) -> tuple[SampleStore, SampleStore]:
-    """The loop's entry streams as spilled stores: one store when both are the same list (the
-    first layer), two when a pipeline stage starts from different quantized and float streams."""
-    q = SampleStore.from_tensors(h_q, streams.root / "entry-q")
-    return q, q if h_fp is h_q else SampleStore.from_tensors(h_fp, streams.root / "entry-fp")
+def spill_entry_streams(h_q, h_fp, streams: StreamFolder) -> tuple:
+    """The loop's entry streams as `streams` keeps them (tlq/calib/streams.StreamFolder.take): one
+    store when both hold the same tensors (the first layer), two when a pipeline stage starts from
+    different quantized and float streams."""
+    same = h_fp is h_q or (len(h_fp) == len(h_q) and all(a is b for a, b in zip(h_fp, h_q)))
+    q = streams.take(h_q, "entry-q")
+    return q, q if same else streams.take(h_fp, "entry-fp")
+
+
+def loop_streams(work: WorkFolder, spill: bool) -> StreamFolder:
+    """Where a run's streams live: files under the work folder when spilling, else RAM."""
+    return StreamFolder(work.path / "streams" if spill else None)
 
 
 def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], weights: list[dict],
                    cfg: CalibConfig, work: WorkFolder, done: int, layer_range: range | None = None,
                    start_streams: tuple | None = None, progress: bool = True,
-                   fp_targets: dict[int, list[torch.Tensor]] | None = None, keep=None) -> LoopResult:
-    """Calibrate layers in `layer_range` (default: all) and return their results.
+                   fp_targets: dict[int, list[torch.Tensor]] | None = None, keep=None,
+                   streams: StreamFolder | None = None) -> LoopResult:
+    """Calibrate layers in `layer_range` (default: all); their results go to the work folder.
 
-    `done` layers (from `WorkFolder.open`) are reloaded instead of recomputed;
+    `done` layers (from `WorkFolder.open`) are skipped (their results are in the work folder);
     `start_streams` = (h_q, h_fp) lets a pipeline stage start from another rank's outputs;
     `fp_targets` (layer -> y_fp per sample, consumed) are FP outputs a pipeline stage computed
     ahead while earlier stages were still calibrating (tlq/multirank); `keep` maps each layer's
-    quantized weights to what the result holds (`tlq.calib.assemble.packer`: 8x less memory than int32 codes).
+    quantized weights to what the work folder stores (`tlq.calib.assemble.packer`: 8x less than
+    int32 codes); `streams` says where streams live (default: spilled when the loop's four exceed
+    their share of --host-memory). The loop owns its entry streams: the samples' captured hidden
+    states are dropped (`hidden` None) and `start_streams` lists emptied once read, so that nothing
+    the callers still reference keeps them in RAM.
     """
     keep = keep or (lambda quantized: quantized)
     layers = adapter.layers(model)
     layer_range = layer_range or range(len(layers))
     dtype = next(model.parameters()).dtype
-    result = LoopResult()
+    result = LoopResult(work, layer_range)
     kwargs = [s.layer_kwargs for s in samples]
     modalities = [s.modality for s in samples]
+    entry = start_streams or ([s.hidden for s in samples],) * 2
+    start_streams = None
+    for s in samples:
+        s.hidden = None
     if done > layer_range.start:
         state = work.load_state()
         h_q, h_fp = state["h_q"], state["h_fp"]
-        for i in range(layer_range.start, done):
-            saved = work.load_layer(i)
-            result.quantized.update(keep(saved["quantized"]))
-            result.float_overrides.update(saved["float_overrides"])
-            result.layer_stats.append(saved["stats"])
+        result.layer_stats = [work.load_layer(i)["stats"] for i in range(layer_range.start, done)]
     else:
         done = layer_range.start
-        h_q, h_fp = start_streams or ([s.hidden for s in samples], [s.hidden for s in samples])
-    tokens = sum(h.shape[-2] for h in h_q)
-    streams = StreamFolder(work.path / "streams" if should_spill(tokens, h_q[0].shape[-1], dtype, cfg.host_memory)
-                           else None)
-    if streams.root is not None and not isinstance(h_q, SampleStore):  # the entry streams move to disk too
-        h_q, h_fp = spill_entry_streams(h_q, h_fp, streams)
-        if start_streams is None:
-            for s in samples:  # the captured copies are no longer read: free them
-                s.hidden = None
+        h_q, h_fp = entry
+    if streams is None:
+        tokens = sum(h.shape[-2] for h in h_q)
+        streams = loop_streams(work, should_spill(stream_bytes(tokens, h_q[0].shape[-1], dtype), cfg.host_memory))
+    h_q, h_fp = spill_entry_streams(h_q, h_fp, streams)  # no-ops in RAM or when spilled already
+    _release(entry, unless=(h_q, h_fp))
     bar = tqdm(range(done, layer_range.stop), desc="layers", disable=not progress, unit="layer",
                initial=done - layer_range.start, total=len(layer_range))
     for i in bar:
@@ -166,32 +186,40 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
         layer = layers[i]
         layer.to(cfg.device)
         y_fp = (fp_targets.pop(i) if fp_targets and i in fp_targets
-                else run_layer(layer, h_fp, kwargs, cfg.device, into=streams.new(f"L{i:04d}-fp")))
+                else run_layer(layer, h_fp, kwargs, cfg.device, into=streams.new(stream_name(i, "fp"))))
         calib_stream = h_fp if cfg.method.exposure == "fp" else h_q
         inputs = LayerInputs(calib_stream, h_fp, kwargs,
                              [{b: w[(i, b)] for (li, b) in w if li == i} for w in weights])
         quantized, overrides, hooks = calibrate_layer(layer, adapter.layer_prefix(i), inputs, adapter, cfg, dtype,
                                                       layer_seed=cfg.seed * 100003 + i)
         rss_mark(f"layer {i} calibrated")
-        h_q = run_layer(layer, h_q, kwargs, cfg.device, into=streams.new(f"L{i:04d}-q"))
+        h_q = run_layer(layer, h_q, kwargs, cfg.device, into=streams.new(stream_name(i, "q")))
         for h in hooks:
             h.remove()
         layer.to("cpu")
         stats = {"layer": i, **modality_errors(h_q, y_fp, modalities),
                  "seconds": round(time.time() - t0, 3), "peak_mem_mb": round(_peak_memory_mb(cfg.device), 1)}
         h_fp = y_fp
-        work.save_layer(i, {"quantized": quantized, "float_overrides": overrides, "stats": stats}, h_q, h_fp)
-        streams.keep_only({f"L{i:04d}-q", f"L{i:04d}-fp"})  # what the saved state refers to
-        result.quantized.update(keep(quantized))
-        result.float_overrides.update(overrides)
+        work.save_layer(i, {"quantized": keep(quantized), "float_overrides": overrides, "stats": stats}, h_q, h_fp)
+        # what the saved state refers to, and the FP targets computed ahead for later layers
+        streams.keep_only({stream_name(i, "q"), stream_name(i, "fp")}
+                          | {stream_name(j, "fp") for j in (fp_targets or {})})
+        _release(entry, unless=())
         result.layer_stats.append(stats)
-        del quantized, overrides, inputs, y_fp
+        del quantized, overrides, inputs, calib_stream, y_fp
         trim_heap()  # what the solver freed, else it stays resident under the next layer's peak
         bar.set_postfix(rel_vision=_fmt(stats["rel_vision"]), rel_text=_fmt(stats["rel_text"]))
         rss_mark(f"layer {i} done")
         _maybe_die_for_test(i)
-    result.final_streams = (list(h_q), list(h_fp)) if streams.root is not None else (h_q, h_fp)
+    result.final_streams = (h_q, h_fp)
     return result
+
+
+def _release(entry: tuple, unless: tuple) -> None:
+    """Empty the entry lists (callers may still reference them) once the loop no longer reads them."""
+    for stream in entry:
+        if isinstance(stream, list) and not any(stream is u for u in unless):
+            stream.clear()
 
 
 def _fmt(x):

@@ -1,12 +1,15 @@
 """The hidden-state streams of the layer loop, held in RAM or spilled to files in the work folder.
 
 The layer loop keeps, per sample, the inputs the quantized layers produce (h_q), the float path's
-(h_fp) and the float targets (y_fp), each [1, T, H] in the model's dtype, beside the captured entry
-stream: 4 x tokens x H values that grow with the calibration set. While that stays under the host budget (`--host-memory`,
-GiB) they are plain lists in RAM. Above it every stream is a `SampleStore` on disk: one file per
-sample, read back memory-mapped one batch at a time, so the process's resident memory no longer
-grows with tokens (the page cache is the kernel's, not the process's). Values are bit-identical
-either way, so the checkpoint does not depend on spilling.
+(h_fp), the float targets (y_fp) and the next h_q while it is computed, each [1, T, H] in the
+model's dtype: 4 x tokens x H values that grow with the calibration set (the captured entry stream
+is consumed by the loop, not kept beside them; a pipeline stage adds the FP targets it computes
+ahead). `--host-memory` (GiB) is the host RAM a process may use beyond the weights it holds; the
+streams get at most half of it (STREAM_SHARE), the rest being what never spills (the runtime, the
+layer being calibrated and its results, gathered inputs, position embeddings). Within that share
+they are plain lists in RAM. Above it every stream is a `SampleStore` on disk: one file per sample,
+read back memory-mapped one sample at a time, so the process's resident memory no longer grows with
+tokens. Values are bit-identical either way, so the checkpoint does not depend on spilling.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch
 
 from tlq.atomic import save_torch_atomic
 
-STREAMS_PER_RUN = 4  # the captured entry stream, h_q, h_fp and y_fp, alive at once in the layer loop
+LOOP_STREAMS = 4  # h_q, h_fp, y_fp and the next h_q: alive at once in the layer loop
+STREAM_SHARE = 0.5  # of --host-memory: the most the streams may take in RAM
 
 
 class SampleStore(Sequence):
@@ -78,13 +82,19 @@ class SampleStore(Sequence):
         self._items = []
 
 
-def stream_bytes(samples_tokens: int, hidden: int, dtype: torch.dtype) -> int:
-    """Host bytes the layer loop's streams take in RAM for this many calibration tokens."""
-    return STREAMS_PER_RUN * samples_tokens * hidden * torch.empty((), dtype=dtype).element_size()
+def stream_bytes(tokens: int, hidden: int, dtype: torch.dtype, streams: int = LOOP_STREAMS) -> int:
+    """Host bytes `streams` hidden-state streams take in RAM for this many calibration tokens."""
+    return streams * tokens * hidden * torch.empty((), dtype=dtype).element_size()
 
 
-def should_spill(samples_tokens: int, hidden: int, dtype: torch.dtype, host_memory_gib: float) -> bool:
-    return stream_bytes(samples_tokens, hidden, dtype) > host_memory_gib * 2**30
+def should_spill(ram_bytes: int, host_memory_gib: float) -> bool:
+    """Spill when the streams would take more than their share of --host-memory in RAM."""
+    return ram_bytes > STREAM_SHARE * host_memory_gib * 2**30
+
+
+def stream_name(layer: int, path: str) -> str:
+    """Folder of a spilled stream: the outputs of `layer` on the quantized ("q") or float ("fp") path."""
+    return f"L{layer:04d}-{path}"
 
 
 class StreamFolder:
@@ -93,12 +103,30 @@ class StreamFolder:
     def __init__(self, root: Path | None):
         self.root = None if root is None else Path(root)
 
-    def new(self, name: str) -> SampleStore:
+    def new(self, name: str) -> SampleStore | list:
+        """An empty stream to append to: a store on disk, or a plain list in RAM."""
         if self.root is None:
-            return SampleStore()
+            return []
         folder = self.root / name
         shutil.rmtree(folder, ignore_errors=True)  # debris of an interrupted write of the same layer
         return SampleStore(folder)
+
+    @property
+    def spilling(self) -> bool:
+        return self.root is not None
+
+    def take(self, stream, name: str):
+        """`stream` as this folder keeps streams: unchanged in RAM or when it is a spilled store
+        already; else written to the store `name`, and a list emptied, so that no caller's
+        reference keeps its tensors in RAM."""
+        if self.root is None or getattr(stream, "spilled", False):
+            return stream
+        store = self.new(name)
+        for t in stream:
+            store.append(t)
+        if isinstance(stream, list):
+            stream.clear()
+        return store
 
     def keep_only(self, names: set[str]) -> None:
         """Delete every spilled stream but `names` (those the resumable state refers to)."""

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from tlq.adapters import get_submodule
 from tlq.calib.assemble import decoder_linear_names, packer, stored_tensors
 from tlq.calib.capture import capture_samples
 from tlq.calib.config import CalibConfig
 from tlq.calib.importance import integrate, uniform_weights
-from tlq.calib.layer_loop import WorkFolder
+from tlq.calib.layer_loop import WorkFolder, loop_streams
 from tlq.calib.phases import (
     calibration_record,
     check_unused_calibration,
@@ -25,13 +26,14 @@ from tlq.calib.phases import (
     rtn_packed,
 )
 from tlq.calib.rss import peak_rss_mb, rss_mark, trim_heap, write_memory_record
+from tlq.calib.streams import should_spill, stream_bytes
 from tlq.calib.timing import phase_times, reset_phase_times, timed
 from tlq.errors import TLQError
 from tlq.multirank.context import PeerLost, RankContext, init_rank, rank_device
 from tlq.multirank.exchange import all_agree, collect, mbq_gather, merge_weights, share_samples
 from tlq.multirank.gradients import pipeline_gradients
 from tlq.multirank.plan import plan_stages, tensor_bytes
-from tlq.multirank.stage_loop import fp_prefetch, run_stage
+from tlq.multirank.stage_loop import ahead_count, fp_prefetch, run_stage
 from tlq.multirank.stage_model import LoadRecord, build_skeleton, materialize, read_tensors, share
 from tlq.multirank.watchdog import ABORT_EXIT
 from tlq.multirank.writer import finalize, remove_own_shards, temp_folder, write_shards
@@ -90,11 +92,11 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
         log.info("%d ranks, decoder layers per rank: %s", ctx.world,
                  ", ".join(f"{s.start}-{s.stop - 1}" for s in stages))
     mine = share(model, source, stages, ctx.rank)
-    samples = weights = modalities = None
+    samples = weights = modalities = loop = None
     if cfg.method.needs_data:
         samples = load_samples(cfg) if ctx.is_first else None  # every line is checked before model work
-        quantized, overrides, stats, weights, modalities = _calibrate_stage(ctx, cfg, source, model, mine, stage,
-                                                                            samples, record, progress)
+        loop, weights, modalities = _calibrate_stage(ctx, cfg, source, model, mine, stage, samples, record, progress)
+        stats = loop.layer_stats
     else:
         if ctx.is_first:
             check_unused_calibration(cfg)
@@ -103,6 +105,8 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
     gc.collect()
     trim_heap()
     ctx.watchdog.phase = "writing this rank's shard"
+    if loop is not None:
+        quantized, overrides = loop.results()  # each layer's, read back from the work folder
     tensors, layers = stored_tensors(source, set(mine.values()), quantized, overrides,
                                      read=lambda names: read_tensors(source, names, record))
     del quantized, overrides
@@ -130,7 +134,8 @@ def _calibrate(ctx: RankContext, cfg: CalibConfig, progress: bool) -> Path | Non
 
 def _calibrate_stage(ctx: RankContext, cfg: CalibConfig, source, model, mine: dict, stage: range, samples,
                      record: LoadRecord, progress: bool):
-    """Load this rank's tensors, capture (rank 0), token weights, FP targets ahead, layer loop."""
+    """Load this rank's tensors, capture (rank 0), token weights, FP targets ahead, layer loop.
+    Returns the loop's result (its layers' results are in the work folder), token weights, modalities."""
     ctx.watchdog.phase = "loading this rank's weights"
     materialize(model, source, mine, record)
     with timed("capture"):
@@ -144,11 +149,16 @@ def _calibrate_stage(ctx: RankContext, cfg: CalibConfig, source, model, mine: di
         weights, entry = _token_weights(ctx, model, source.adapter, stage, captured, cfg, work, progress)
     trim_heap()
     rss_mark("token weights")
-    entry, targets = fp_prefetch(ctx, model, source.adapter, stage, captured, entry, cfg.device,
-                                 ctx.settings.fp_prefetch_mb, done)
+    # the stage's streams in RAM: the loop's four and the FP targets computed ahead; above their
+    # share of --host-memory all of them (the entry streams too) go to files in the work folder
+    size = stream_bytes(sum(s.num_tokens for s in captured), get_submodule(model, source.adapter.final_norm)
+                        .weight.shape[0], next(model.parameters()).dtype, streams=1)
+    ahead = ahead_count(ctx.is_first, entry is None, stage, done, size, ctx.settings.fp_prefetch_mb * 2**20)
+    streams = loop_streams(work, should_spill(4 * size + ahead * size, cfg.host_memory))
+    entry, targets = fp_prefetch(ctx, model, source.adapter, stage, captured, entry, cfg.device, ahead, done, streams)
     loop = run_stage(ctx, model, source.adapter, captured, weights, cfg, work, done, stage, entry, targets,
-                     progress, keep=packer(source.dtype))
-    return loop.quantized, loop.float_overrides, loop.layer_stats, weights, [s.modality for s in captured]
+                     progress, keep=packer(source.dtype), streams=streams)
+    return loop, weights, [s.modality for s in captured]
 
 
 def _run_id(ctx: RankContext) -> str:
