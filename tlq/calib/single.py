@@ -53,8 +53,9 @@ def calibrate_single(cfg: CalibConfig, progress: bool = True) -> Path:
     loop.final_streams = None
     trim_heap()
     with timed("write"):  # the report is written last, so its own write is not in it
-        out = write_quantized_model(source, cfg.out, cfg.scheme, cfg.method.name, loop.quantized,
-                                    loop.float_overrides, calibration, None, cfg.act_order, cfg.overwrite)
+        quantized, overrides = loop.results()  # read back from the work folder
+        out = write_quantized_model(source, cfg.out, cfg.scheme, cfg.method.name, quantized,
+                                    overrides, calibration, None, cfg.act_order, cfg.overwrite)
     total = time.time() - t0
     write_report(out, {"layers": loop.layer_stats, "total_seconds": round(total, 2), "method": cfg.method.name,
                        "scheme": cfg.scheme.name, "phase_seconds": phase_times(total)})
