@@ -16,11 +16,11 @@ per linear group K inputs, N outputs; Q = K x K fp32. Per rank:
   weights      the stage's decoder layers (counted once: pages of the memory-mapped files)
   extras       rank 0: vision tower + projector + embeddings (the tower only until capture ends);
                last rank: final norm + lm_head
-  streams      the layer loop's hidden states in RAM: h_q, h_fp, y_fp and the next h_q (4 S); when
-               the entry stream, h_q, h_fp and y_fp (4 S) exceed --host-memory they live in files in the work folder and
-               only one sample of each is mapped at a time (tlq/calib/streams.py); + on a multi-rank
-               run the entry streams the stage keeps referenced (rank 0 the captured one, the others
-               the received quantized and FP ones) and the FP targets computed ahead; + per-sample
+  streams      the layer loop's hidden states in RAM: h_q, h_fp, y_fp and the next h_q (4 S; the loop
+               owns the entry streams, so no captured or received copy stays beside them); on a
+               pipeline stage with k FP targets computed ahead (tlq/multirank/stage_loop.ahead_count)
+               max(4, 3 + k) S. Above half of --host-memory (tlq/calib/streams.should_spill) all of them
+               live in files in the work folder and one sample of each is mapped at a time; + per-sample
                layer kwargs (position embeddings) and the token weights of the stage's layers
   layer work   calibrating one layer (tlq/calib/layer_solve.py), the largest of its phases over the
                linear groups: the input-scale search and its solver judge on the st tokens (inputs,
@@ -30,14 +30,15 @@ per linear group K inputs, N outputs; Q = K x K fp32. Per rank:
                fp32 copies of the weight, target, codes and GPTQ's working matrices); + the layer and, for
                corrected/fp exposure, its float copy. Where it lives: the device with --device cuda
                (the host then holds only the gathered batch), the host on CPU.
-  results      the stage's quantized linears, held until the write: packed as each layer finishes,
-               plus the last layer's int32 codes meanwhile
+  results      the layer just calibrated: its int32 codes and their packed copy, which then goes to
+               the work folder (the write reads every layer's back once the weights are freed)
   gradients    the gradient pass: one layer and its autograd graph, the final norm + lm_head and the
                fp32 logits of the longest sample on the last rank, the raw importance of the stage's
                layers (9 sources x 2 statistics fp32 per token and layer), and the stored layer inputs
                of the samples in flight (host, at most --host-memory)
-  host peak    the largest of the phases capture (rank 0), gradient pass and layer loop, each with the
-               runtime, weights and what that phase holds
+  host peak    the largest of the phases capture (rank 0), gradient pass, layer loop and write (the
+               runtime, the float tensors read again from disk and the stage's packed layers), each
+               with what that phase holds
   device peak  (CUDA) max(layer work, the gradient pass's device part): one layer at a time is there
 Not modelled: allocator slack and fragmentation (the CUDA caching allocator's reserve beyond
 max_memory_allocated), the kernels' own workspaces, and spill files (disk, not RAM).
@@ -51,6 +52,7 @@ from tlq.adapters import adapter_for_model_type, get_submodule
 from tlq.calib.config import CalibConfig
 from tlq.calib.group_inputs import token_batches
 from tlq.calib.rss import MMAP_THRESHOLD
+from tlq.calib.streams import LOOP_STREAMS, should_spill
 from tlq.errors import TLQError
 
 # without a processor: byte-level BPE averages about 4 bytes of English per token, so 3 leans high;
@@ -193,12 +195,6 @@ def _groups(adapter, layer) -> list[GroupShape]:
     return out
 
 
-def spills(tokens: int, hidden: int, b: int, budget: int) -> bool:
-    """The layer loop keeps its streams in files when the entry stream, h_q, h_fp and y_fp (4 S) exceed --host-memory
-    (tlq/calib/streams.py); each is then read and written one sample at a time."""
-    return 4 * tokens * hidden * b > budget
-
-
 def solve_bytes(K: int, N: int, corrected: bool, act_order: bool, cuda: bool = False) -> int:
     """Peak of solving one linear [N, K] from its group's statistics (tlq/quant/weighted_gptq.py,
     statistics.py, gptq.py; Q = one K x K fp32 matrix). Factorisations run in place without
@@ -278,11 +274,11 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
     """Per-rank peak memory of `tlq calibrate` with `nproc` ranks (no weights are read)."""
     from tlq.multirank.context import DistConfig
     from tlq.multirank.plan import is_head, layer_index, plan_stages
+    from tlq.multirank.stage_loop import ahead_count
     from tlq.multirank.stage_model import build_skeleton
 
     if host_memory_gib is None:
         host_memory_gib = getattr(cfg, "host_memory", DEFAULT_HOST_MEMORY_GIB)
-    budget_bytes = int(host_memory_gib * GIB)
     source = _source(cfg)
     adapter, method, scheme = source.adapter, cfg.method, cfg.scheme
     model = build_skeleton(source)
@@ -304,7 +300,7 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
     kwargs = tokens * 2 * head_dim * b  # cos and sin of the rotary embedding, per sample
     bt = max((sum(lengths[i] for i in batch) for batch in token_batches(lengths, cfg.batch_tokens)), default=0)
     st = search_tokens(lengths, cfg.search_tokens) if lengths else 0
-    per_layer, codes, packed = {}, {}, {}
+    per_layer, codes, packed, linear_bytes = {}, {}, {}, {}
     for name, (numel, nbytes) in sizes.items():
         i = layer_index(name, adapter)
         if i is None:
@@ -317,6 +313,7 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
             zeros = 0 if scheme.symmetric else 1
             # a layer just calibrated: int32 codes, fp32 scales, int32 zeros; then packed
             codes[i] = codes.get(i, 0) + numel * 4 + ngroups * 4 * (1 + zeros)
+            linear_bytes[i] = linear_bytes.get(i, 0) + nbytes
             packed[i] = packed.get(i, 0) + (numel + ngroups * zeros) * scheme.bits // 8 + ngroups * b
     vision = sum(nb for k, (_, nb) in sizes.items()
                  if any(k == v or k.startswith(v + ".") for v in adapter.vision_modules))
@@ -331,9 +328,12 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
         weights = sum(per_layer[i] for i in stage)
         extras = (extras_first if first else 0) + (extras_last if last else 0)
         layer = max(per_layer[i] for i in stage)
-        results = sum(packed.get(i, 0) for i in stage) + max(codes.get(i, 0) for i in stage)
+        all_packed = sum(packed.get(i, 0) for i in stage)
+        # the write: the float tensors read again from disk and every packed layer, the model freed
+        write = RUNTIME_BYTES + extras + sum(per_layer[i] - linear_bytes.get(i, 0) for i in stage) + all_packed
         base = RUNTIME_BYTES + weights + extras - (vision if first else 0)  # the tower is dropped after capture
-        if not method.needs_data:  # RTN: each linear read, rounded and packed
+        if not method.needs_data:  # RTN: each linear read, rounded and packed, all held until the write
+            results = all_packed + max(codes.get(i, 0) for i in stage)
             work = 3 * max(n * k for n, k in linears.values()) * F32
             host = base + results + (0 if cuda else work)
             est.ranks.append(RankEstimate(r, stage, weights, extras, 0, work, results, 0, int(host),
@@ -341,12 +341,14 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
             continue
         stage_layers = len(stage) if method.needs_gradients else len(per_layer)  # uniform: every layer's keys
         token_weights = tokens * 2 * F32 * stage_layers  # (layer, attn/mlp) -> [T] fp32
-        ahead = 0
-        if nproc > 1 and (r > 0 or not method.needs_gradients):
-            ahead = min(len(stage), int(prefetch // stream)) * stream
-        held = 0 if nproc == 1 else (1 if first else 2) * stream
-        spilled = spills(tokens, hidden, b, budget_bytes)
-        streams = held + ahead + (3 * longest * hidden * b if spilled else 4 * stream)
+        results = max(codes.get(i, 0) + packed.get(i, 0) for i in stage)  # the layer just calibrated
+        # FP targets computed ahead on a pipeline stage; the FP entry comes from the gradient pass
+        # unless there is none or it computed in another dtype (fp16: gradient_dtype)
+        chain = not method.needs_gradients or gb != b
+        ahead = ahead_count(first, chain, stage, stage.start, stream, prefetch) if nproc > 1 else 0
+        in_ram = max(LOOP_STREAMS, 3 + ahead) * stream
+        spilled = should_spill(in_ram, host_memory_gib)
+        streams = 3 * longest * hidden * b if spilled else in_ram  # one sample of h_q, h_fp, y_fp mapped
         work, gathered = layer_work_bytes(groups, cfg, bt, st, longest, hidden, intermediate, layer, b)
         loop = base + kwargs + token_weights + streams + results + (gathered if cuda else work)
         capture = base + (vision if first else 0) + CAPTURE_BYTES + stream + kwargs if first else 0
@@ -361,7 +363,7 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
             grad_host = (base + kwargs + stream + raw + in_flight  # + rank 0's capture, the others' FP entry
                          + (0 if cuda else graph + logits + upcast))
         gradients = grad_device if cuda else grad_host - base
-        host_peak = max(loop, capture, grad_host)
+        host_peak = max(loop, capture, grad_host, write)
         device_peak = max(work, grad_device) if cuda else None
         est.ranks.append(RankEstimate(r, stage, weights, extras, streams + kwargs + token_weights, work, results,
                                       int(gradients), int(host_peak), None if device_peak is None else int(device_peak),
@@ -398,6 +400,6 @@ def format_estimate(est: MemoryEstimate) -> str:
     lines.append("extras: rank 0 vision tower + projector + embeddings, last rank final norm + lm_head; "
                  "device peak only for --device cuda (one layer at a time is on the GPU)")
     if any(r.spilled for r in est.ranks):
-        lines.append(f"* streams above --host-memory {est.host_memory_gib:g} GiB are kept in files in the work "
-                     "folder (disk, not RAM)")
+        lines.append(f"* streams above half of --host-memory {est.host_memory_gib:g} GiB are kept in files in the "
+                     "work folder (disk, not RAM)")
     return "\n".join(lines)
