@@ -1,7 +1,7 @@
 """Calibration at real width with a growing calibration set: flat memory, linear time, exact spilling.
 
     python -m benchmarks.scale [--tokens 8192,32768,131072] [--tokens-per-sample 1024] [--method tlq]
-                               [--work DIR] [--host-memory 0.25]
+                               [--work DIR] [--host-memory 0.1]
 
 Builds the `2b` fixture (Qwen2-VL-2B's text widths: hidden 1536, MLP 8960, 12 heads of 128; 2
 layers), writes calibration sets of N samples of about T tokens each (a generated picture plus a
@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="8192,32768,131072", help="calibration tokens per run, comma-separated")
     ap.add_argument("--tokens-per-sample", type=int, default=1024)
     ap.add_argument("--method", default="tlq")
-    ap.add_argument("--host-memory", type=float, default=0.25, help="GiB; the streams spill above it")
+    ap.add_argument("--host-memory", type=float, default=0.1,
+                    help="GiB; the streams spill above half of it (at every size here)")
     ap.add_argument("--search-tokens", type=int, default=4096,
                     help="the searches' token budget (sizes below it also grow the searches' memory)")
     ap.add_argument("--no-ram-check", action="store_true", help="skip the largest size's rerun in RAM")
