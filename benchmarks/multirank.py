@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.dry_run import host_peaks_gib
+
 TARGET_MEMORY, TARGET_WALL = 0.6, 1.15
 DEFAULT_SAMPLES = {"deep": 12, "medium": 32}
 
@@ -112,6 +114,13 @@ def run(args, work: Path) -> int:
     row("peak RSS (MiB)", [f"{one['peak_rss_mb']:.0f}"] + [f"{r['peak_rss_mb']:.0f}" for r in ranks])
     row("weights read (MiB)", ["all"] + [f"{r['loaded_bytes'] / 2**20:.1f}" for r in ranks])
     row("wall time (s)", [f"{one['wall_s']:.1f}", f"{two['wall_s']:.1f}"])
+    dry_args = [a for a in base[3:] if a != "--quiet"]
+    dry = [host_peaks_gib(dry_args + ["--out", str(work / "dry"), "--nproc", str(n)]) for n in (1, 2)]
+    if None not in dry:
+        estimates = dry[0] + dry[1]
+        row("dry-run host peak (MiB)", [f"{g * 1024:.0f}" for g in estimates])
+        measured_mb = [one["peak_rss_mb"]] + [r["peak_rss_mb"] for r in ranks]
+        row("  dry run / measured", [f"{g * 1024 / m:.2f}x" for g, m in zip(estimates, measured_mb)])
     print("secondary, not the target:")
     row("  RSS at start (MiB)", [f"{single['start_rss_mb']:.0f}"] + [f"{r['start_rss_mb']:.0f}" for r in ranks])
     row("  working memory (MiB)", [f"{w:.0f}" for w in working])

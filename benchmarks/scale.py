@@ -21,11 +21,12 @@ import argparse
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.dry_run import host_peaks_gib
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the circle square triangle blue red green yellow harbour boat sky sunset small large near far "
@@ -81,21 +82,10 @@ def calibrate(model: Path, calib: Path, out: Path, method: str, host_memory: flo
 def dry_run_host_gib(model: Path, calib: Path, out: Path, method: str, host_memory: float,
                      search_tokens: int) -> float | None:
     """The `--dry-run` host peak of rank 0 (None when the table cannot be read)."""
-    cmd = [sys.executable, "-m", "tlq", "calibrate", str(model), "--calib", str(calib), "--out", str(out),
-           "--method", method, "--scheme", "w4a16", "--dry-run", "--host-memory", str(host_memory),
-           "--search-tokens", str(search_tokens)]
-    text = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO,
-                          env=dict(os.environ, OMP_NUM_THREADS="1")).stdout
-    lines = text.splitlines()
-    header = next((i for i, line in enumerate(lines) if "host peak" in line), None)
-    if header is None or header + 1 >= len(lines):
-        return None
-    names = re.split(r"\s{2,}", lines[header].strip())
-    values = lines[header + 1].split()
-    try:
-        return float(values[names.index("host peak")])
-    except (ValueError, IndexError):
-        return None
+    peaks = host_peaks_gib([str(model), "--calib", str(calib), "--out", str(out), "--method", method,
+                            "--scheme", "w4a16", "--host-memory", str(host_memory),
+                            "--search-tokens", str(search_tokens)])
+    return None if peaks is None else peaks[0]
 
 
 def tensor_hashes(path: Path) -> dict:
