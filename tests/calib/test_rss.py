@@ -12,3 +12,19 @@ def test_memory_record_and_heap_helpers(tmp_path, monkeypatch):
     assert data["rank"] == 1 and 0 < data["start_rss_mb"] <= data["peak_rss_mb"]
     assert data["peak_rss_mb"] >= rss.rss_mb() * 0.5  # same units (MiB) as the current RSS
     assert [p.name for p in (tmp_path / "rec").iterdir()] == ["rank1.json"]  # no temporary file left
+
+
+def test_resident_memory_by_kind(tmp_path):
+    """Anonymous and file-backed pages apart: a mapped file's pages count as file, not anon."""
+    import torch
+
+    from tlq.calib import rss
+    parts = rss.rss_parts_mb()
+    assert set(parts) == {"anon", "file", "shmem"} and parts["anon"] > 0
+    path = tmp_path / "t.pt"
+    torch.save(torch.ones(16 * 2**20, dtype=torch.uint8), path)
+    mapped = torch.load(path, mmap=True, weights_only=True)
+    before = rss.rss_parts_mb()
+    assert int(mapped.sum()) == 16 * 2**20  # touches every page
+    after = rss.rss_parts_mb()
+    assert after["file"] - before["file"] > 12 and after["anon"] - before["anon"] < 8

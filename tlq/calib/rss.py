@@ -23,6 +23,21 @@ def rss_mb() -> float:
         return 0.0
 
 
+def rss_parts_mb() -> dict[str, float]:
+    """Resident memory by kind (MiB, /proc/self/status): anonymous (heap, tensors), file-backed
+    (memory-mapped weights and spilled streams: pages the kernel may drop) and shared memory."""
+    parts = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    parts[key[3:].lower()] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return parts
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (MiB, ru_maxrss)."""
     import resource
@@ -105,7 +120,8 @@ def rss_mark(phase: str) -> None:
                 time.sleep(0.01)
         threading.Thread(target=sample, daemon=True).start()
     now = rss_mb()
+    parts = " ".join(f"{k} {v:.0f}" for k, v in rss_parts_mb().items())
     print(f"[rss pid {os.getpid()} rank {os.environ.get('RANK', '-')}] {_TRACE['phase']} -> {phase}: "
-          f"high {max(_TRACE['high'], now):.0f} MiB, now {now:.0f}, peak so far {peak_rss_mb():.0f}, "
+          f"high {max(_TRACE['high'], now):.0f} MiB, now {now:.0f} ({parts}), peak so far {peak_rss_mb():.0f}, "
           f"{time.time() - _TRACE['t']:.1f} s", file=sys.stderr, flush=True)
     _TRACE.update(high=now, phase=phase, t=time.time())
