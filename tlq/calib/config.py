@@ -162,8 +162,10 @@ class CalibConfig:
             processor (tlq/data/processing.py); None keeps the processor's own bound (Qwen2-VL:
             its max_pixels, 12,845,056 in Qwen2-VL-7B-Instruct's preprocessor config; LLaVA-OneVision:
             anyres_max_9, the base image plus at most 9 tiles' worth of features).
-        host_memory: GiB of host RAM the layer loop's hidden-state streams (4 x tokens x hidden in the
-            model's dtype) may take; above it they are spilled to files in the work folder.
+        host_memory: GiB of host RAM a process may use beyond the weights it holds; the hidden-state
+            streams (4 x tokens x hidden in the model's dtype, more on a pipeline stage that computes FP
+            targets ahead) are spilled to files in the work folder when they would take more than half
+            of it (tlq/calib/streams.py: the rest is what never spills).
         importance: token weighting (ImportanceConfig).
         work_dir: resumable per-layer results (default: a hidden sibling of `out`).
         overwrite: replace an existing `out`.

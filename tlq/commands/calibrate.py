@@ -38,8 +38,9 @@ def calibrate(
                                      "its statistics (memory: batch x K fp32; nothing grows with calibration tokens)"),
     search_tokens: int = typer.Option(4096, help="tokens (whole samples, drawn by importance) that the input-scale "
                                       "and clipping searches see; recorded in the manifest"),
-    host_memory: float = typer.Option(16.0, help="GiB of host RAM for the layer loop's hidden-state streams; above "
-                                      "it they are spilled to files in the work folder (same checkpoint)"),
+    host_memory: float = typer.Option(16.0, help="GiB of host RAM a process may use beyond its weights; the "
+                                      "hidden-state streams are spilled to files in the work folder when they "
+                                      "would take more than half of it (same checkpoint)"),
     max_pixels: Optional[int] = typer.Option(None, help="downscale calibration images above this many pixels "
                                              "(aspect kept) before the processor; default: the processor's own "
                                              "bound (Qwen2-VL-7B-Instruct: max_pixels 12845056; LLaVA-OneVision: "
