@@ -102,10 +102,14 @@ def test_layer_work_is_flat_in_calibration_tokens(tmp_path):
     large = estimate_memory(_cfg(CONFIGS / "qwen2-vl-7b", tmp_path, device="cuda", max_samples=256), 1, 1024)
     assert large.ranks[0].layer_work == small.ranks[0].layer_work
     assert large.ranks[0].streams > 10 * small.ranks[0].streams
-    # ... while the searches' budget does change it: the judge holds 4 x search tokens x K fp32
+    # TLQ (weight-only) judges its scales from the statistics: the search budget does not matter ...
     double = estimate_memory(_cfg(CONFIGS / "qwen2-vl-7b", tmp_path, device="cuda", max_samples=256,
                                   search_tokens=8192), 1, 1024)
-    assert double.ranks[0].layer_work > large.ranks[0].layer_work
+    assert double.ranks[0].layer_work == large.ranks[0].layer_work
+    # ... while AWQ's token searches hold search tokens x K fp32
+    awq, awq_double = (estimate_memory(_cfg(CONFIGS / "qwen2-vl-7b", tmp_path, method="awq", device="cuda",
+                                            max_samples=256, search_tokens=st), 1, 1024) for st in (4096, 8192))
+    assert awq_double.ranks[0].layer_work > awq.ranks[0].layer_work
 
 
 def test_search_subset_and_solve_arithmetic():

@@ -23,7 +23,8 @@ per linear group K inputs, N outputs; Q = K x K fp32. Per rank:
                live in files in the work folder and one sample of each is mapped at a time; + per-sample
                layer kwargs (position embeddings) and the token weights of the stage's layers
   layer work   calibrating one layer (tlq/calib/layer_solve.py), the largest of its phases over the
-               linear groups: the input-scale search and its solver judge on the st tokens (inputs,
+               linear groups: the input-scale search and its solver judge (TLQ weight-only: from the
+               statistics, beside the solve; else on the st tokens: inputs,
                their scaled copies, M, C and the judge's solve); the streamed statistics (one batch
                of bt x K fp32 inputs, x2-3 while gathered, + M, C); the solve (exposure factor and
                GPTQ factor: up to 5 Q for corrected exposure, 3 without, see solve_bytes; + N x K
@@ -219,12 +220,13 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
     """(where the layer is calibrated, host's gathered batches) of calibrating one decoder layer.
 
     On CPU both are the same memory: the first value is then host memory beyond the weights."""
-    from tlq.calib.input_scaling import resolve_scaling
+    from tlq.calib.input_scaling import resolve_scaling, scales_in_loop
     method, scheme = cfg.method, cfg.scheme
     cuda = cfg.device.startswith("cuda")
     corrected, aq = method.exposure == "corrected", not scheme.weight_only
     weighted = method.importance != "uniform"
     scaling = resolve_scaling(method.input_scaling, scheme.weight_only)
+    in_loop = scales_in_loop(cfg)
     gptq = method.solver == "gptq"
     float_copy = layer if method.exposure in ("corrected", "fp") else 0  # the deep copy of the float layer
     own = layer if cuda else 0  # on CPU the layer is the weights already counted
@@ -234,8 +236,16 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
         K, N, n_sum = g.K, max(g.outs), sum(g.outs)
         q, rows = K * K * F32, st * K * F32
         solve = solve_bytes(K, N, corrected, cfg.act_order, cuda) if gptq else 3 * N * K * F32
+        # TLQ weight-only: scales judged in the loop from the statistics (tlq/calib/solved_scaling.py):
+        # beside the solve (which counts one float weight), the group's other float weights, each
+        # linear's error pull with the float path (N x K each), the unscaled solution's codes while the
+        # scaled one is solved (host memory on a GPU), and without the float path the Gram factor (+1 K x K)
+        if in_loop and g.foldable:
+            judge = ((n_sum - N) + corrected * n_sum) * K * F32 + (0 if cuda else n_sum * K * 4) + (0 if corrected else q)
+            work = max(work, own + float_copy + solve + judge)
+            host = max(host, n_sum * K * 4 if cuda else 0)
         # input-scale search, then (judge "solver") the solve it is judged by, on the st tokens
-        if scaling == "awq" and g.foldable:
+        elif scaling == "awq" and g.foldable:
             Ws = n_sum * K * F32
             if method.scale_search.block_loss:
                 search = rows + 3 * N * K * F32 + st * hidden * (b + 3 * F32) + forward

@@ -116,6 +116,12 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     n, k = w.shape
     g = k if group_size == -1 else group_size
     ng = n_groups(k, group_size)
+    if k % g == 0:  # whole groups: one call over [n * ng, g] rows, the same arithmetic as the loop below
+        rows = w.reshape(n * ng, g)
+        ratio = 1.0 if clip_ratio is None else clip_ratio.reshape(n * ng)
+        s, z = find_params(rows, bits, symmetric, scale_dtype, ratio)
+        codes = quantize_to_codes(rows, s[:, None], None if z is None else z[:, None], bits).reshape(n, k)
+        return QuantizedWeight(codes, s.reshape(n, ng), None if z is None else z.reshape(n, ng), bits, group_size)
     scales = torch.empty(n, ng, device=w.device)
     zeros = None if symmetric else torch.empty(n, ng, dtype=torch.int32, device=w.device)
     codes = torch.empty(n, k, dtype=torch.int32, device=w.device)
@@ -128,6 +134,20 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
             zeros[:, j] = z
         codes[:, cols] = quantize_to_codes(w[:, cols], s[:, None], None if z is None else z[:, None], bits)
     return QuantizedWeight(codes, scales, zeros, bits, group_size)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """quantize_rtn(...).dequantize() without materialising codes (the searches call it per candidate)."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    if k % g:
+        return quantize_rtn(w, bits, group_size, symmetric, scale_dtype).dequantize().to(w.device)
+    rows = w.float().reshape(-1, g)
+    s, z = find_params(rows, bits, symmetric, scale_dtype)
+    offset = _offset(None if z is None else z[:, None], bits)
+    q = (torch.round(rows / s[:, None]) + offset).clamp_(0, max_code(bits))
+    return ((q - offset) * s[:, None]).reshape(n, k)
 
 
 def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from tlq.errors import TLQError
-from tlq.quant.qparams import n_groups, quantize_activations_int8, quantize_rtn
+from tlq.quant.qparams import fake_quantize, n_groups, quantize_activations_int8
 from tlq.schemes import QuantScheme
 
 SCALE_LOSSES = ("mse", "mae")
@@ -79,7 +79,7 @@ def _token_weights(X: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 
 
 def _rtn_dequant(W: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype) -> torch.Tensor:
-    return quantize_rtn(W, scheme.bits, scheme.group_size, scheme.symmetric, scale_dtype).dequantize().to(W.device)
+    return fake_quantize(W, scheme.bits, scheme.group_size, scheme.symmetric, scale_dtype)
 
 
 def weight_magnitude(Ws: list[torch.Tensor], group_size: int) -> torch.Tensor:
