@@ -8,7 +8,7 @@ cannot share the project's venv), so it imports nothing from tlq or benchmarks:
 JOB.json (written by benchmarks/quality_lib/peers.py):
     model: float model folder;  out: folder to write;  samples: torch file with a list of
     encoded calibration samples (dicts of tensors, batch 1, exactly what tlq.calibrate encodes);
-    method: gptq | awq | smoothquant;  bits, group_size (-1 = per channel), symmetric, act_bits
+    method: rtn | gptq | awq | smoothquant;  bits, group_size (-1 = per channel), symmetric, act_bits
     (8 = dynamic per-token symmetric int8 inputs, 16 = none);  modifier_kwargs: optional overrides
     of the method's modifier (diagnostic rows, e.g. {"actorder": null}).
 
@@ -76,6 +76,8 @@ def recipe(job: dict) -> list:
     """The method's modifiers; job["modifier_kwargs"] overrides defaults of its first modifier."""
     quant = dict(config_groups={"group_0": scheme(job)}, ignore=IGNORE)
     extra = job.get("modifier_kwargs") or {}
+    if job["method"] == "rtn":  # its round-to-nearest alone: the quantizer grid every recipe ends in
+        return [QuantizationModifier(**quant, **extra)]
     if job["method"] == "gptq":
         return [GPTQModifier(**quant, **extra)]
     if job["method"] == "awq":
@@ -83,7 +85,7 @@ def recipe(job: dict) -> list:
     if job["method"] == "smoothquant":
         return [SmoothQuantModifier(smoothing_strength=0.5, mappings=SQ_MAPPINGS, **extra),
                 QuantizationModifier(**quant)]
-    sys.exit(f"lc_run.py: unknown method {job['method']!r} (gptq, awq, smoothquant)")
+    sys.exit(f"lc_run.py: unknown method {job['method']!r} (rtn, gptq, awq, smoothquant)")
 
 
 @torch.no_grad()

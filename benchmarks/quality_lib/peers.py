@@ -32,9 +32,10 @@ PREFIX = "lc-"
 PEERS = {"lc-gptq": "gptq", "lc-awq": "awq", "lc-smoothquant": "smoothquant"}
 # diagnostic rows: one default of llm-compressor changed to ours, to say where a gap comes from
 # (name -> (recipe, modifier keyword overrides)); run only when named (--peers)
-VARIANTS = {"lc-gptq-no-actorder": ("gptq", {"actorder": None}),
+VARIANTS = {"lc-rtn": ("rtn", {}),  # its quantizer grid alone, against our RTN
+            "lc-gptq-no-actorder": ("gptq", {"actorder": None}),
             "lc-awq-no-duo": ("awq", {"duo_scaling": False})}
-LABELS = {"lc-gptq": "llm-compressor GPTQ", "lc-awq": "llm-compressor AWQ",
+LABELS = {"lc-rtn": "llm-compressor RTN", "lc-gptq": "llm-compressor GPTQ", "lc-awq": "llm-compressor AWQ",
           "lc-smoothquant": "llm-compressor SmoothQuant",
           "lc-gptq-no-actorder": "llm-compressor GPTQ, no act-order", "lc-awq-no-duo": "llm-compressor AWQ, no duo"}
 TIMEOUT_S = 3600
