@@ -12,6 +12,7 @@ from tlq.calib.gradient_pass import (
     sft_loss,
     token_gradients,
 )
+from tlq.calib.streams import STREAM_SHARE
 
 
 def per_sample_reference(model, adapter, samples):
@@ -79,6 +80,7 @@ def test_spills_only_above_the_host_budget(qwen2_vl_dir, tmp_path, monkeypatch):
     seen = []
     init = gradient_pass.StreamFolder.__init__
     monkeypatch.setattr(gradient_pass.StreamFolder, "__init__", lambda self, root: seen.append(root) or init(self, root))
-    token_gradients(model, adapter, captured, progress=False, spill_dir=tmp_path, host_memory=need / 2**30)
-    token_gradients(model, adapter, captured, progress=False, spill_dir=tmp_path, host_memory=(need - 1) / 2**30)
+    share = need / STREAM_SHARE / 2**30  # GiB of --host-memory whose streams' share the pass just fits
+    token_gradients(model, adapter, captured, progress=False, spill_dir=tmp_path, host_memory=share)
+    token_gradients(model, adapter, captured, progress=False, spill_dir=tmp_path, host_memory=share * 0.999)
     assert seen == [None, tmp_path]

@@ -18,8 +18,8 @@ direction for all samples, not once per sample.
 Per sample and layer the arithmetic is that of the per-sample stages (`forward_stage`,
 `backward_stage`, which the multi-rank pipeline runs, tlq/multirank/gradients.py): the same
 calls on the same values, so the raw importance is bit-identical in either order. The stored
-inputs (L x tokens x hidden) and the two gradient streams live in RAM while they fit the host
-budget (`--host-memory`), else in memory-mapped files in the work folder (tlq/calib/streams.py).
+inputs (L x tokens x hidden) and the two gradient streams live in RAM while they fit the streams'
+share of `--host-memory`, else in memory-mapped files in the work folder (tlq/calib/streams.py).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from tlq.adapters import ModelAdapter, get_submodule
 from tlq.calib.capture import CapturedSample, to_device
-from tlq.calib.streams import SampleStore, StreamFolder
+from tlq.calib.streams import SampleStore, StreamFolder, should_spill
 
 BLOCKS = ("attn", "mlp")
 STATISTICS = {"abs": 0, "square": 1}  # row of a raw entry
@@ -68,15 +68,15 @@ def token_gradients(model, adapter: ModelAdapter, samples: list[CapturedSample],
     """Raw importance a^{l,b}_t for every sample, layer and source, layer-major (module docstring).
 
     The activations spill to files under `spill_dir` (a folder of its own, deleted at the end) when
-    `pass_bytes` exceeds `host_memory` GiB."""
+    `pass_bytes` exceeds the streams' share of `host_memory` GiB (tlq/calib/streams.should_spill)."""
     for sample in samples:
         if (sample.labels != -100).sum() == 0:
             raise ValueError(f"sample {sample.sample_id} has no answer tokens")
     layers = adapter.layers(model)
     dtype = gradient_dtype(model)
     tokens = sum(s.num_tokens for s in samples)
-    spill = spill_dir is not None and pass_bytes(tokens, samples[0].hidden.shape[-1], len(layers),
-                                                 dtype) > host_memory * 2**30
+    spill = spill_dir is not None and should_spill(pass_bytes(tokens, samples[0].hidden.shape[-1], len(layers),
+                                                              dtype), host_memory)
     streams = StreamFolder(spill_dir if spill else None)
     bar = tqdm(total=2 * len(layers), desc="gradients", disable=not progress, unit="layer")
     try:

@@ -35,8 +35,10 @@ per linear group K inputs, N outputs; Q = K x K fp32. Per rank:
                the work folder (the write reads every layer's back once the weights are freed)
   gradients    the gradient pass: one layer and its autograd graph, the final norm + lm_head and the
                fp32 logits of the longest sample on the last rank, the raw importance of the stage's
-               layers (9 sources x 2 statistics fp32 per token and layer), and the stored layer inputs
-               of the samples in flight (host, at most --host-memory)
+               layers (9 sources x 2 statistics fp32 per token and layer), and the stored layer inputs:
+               one process, layer-major, every layer's inputs and two gradient streams ((L + 2) x tokens
+               x hidden, one sample of each mapped when they spill above half of --host-memory); a
+               pipeline stage, those of the samples in flight
   host peak    the largest of the phases capture (rank 0), gradient pass, layer loop and write (the
                runtime, the float tensors read again from disk and the stage's packed layers), each
                with what that phase holds
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 
 from tlq.adapters import adapter_for_model_type, get_submodule
 from tlq.calib.config import CalibConfig
+from tlq.calib.gradient_pass import GRADIENT_STREAMS
 from tlq.calib.group_inputs import token_batches
 from tlq.calib.rss import MMAP_THRESHOLD
 from tlq.calib.streams import LOOP_STREAMS, should_spill
@@ -364,7 +367,11 @@ def estimate_memory(cfg: CalibConfig, nproc: int = 1, tokens_per_sample: int | N
         capture = base + (vision if first else 0) + CAPTURE_BYTES + stream + kwargs if first else 0
         grad_device = grad_host = 0
         if method.needs_gradients:
-            in_flight = (nproc - r) * len(stage) * longest * hidden * gb
+            if nproc == 1:  # layer-major (tlq/calib/gradient_pass.py): every layer's inputs + 2 gradient streams
+                held_pass = (len(stage) + GRADIENT_STREAMS) * hidden * gb
+                in_flight = held_pass * (longest if should_spill(held_pass * tokens, host_memory_gib) else tokens)
+            else:  # the pipeline's per-sample stages: the stored inputs of the samples in flight
+                in_flight = (nproc - r) * len(stage) * longest * hidden * gb
             graph = longest * (8 * hidden + 4 * intermediate) * gb * 2  # activations and their gradients
             logits = longest * vocab * (3 * F32 + 2 * gb) if last else 0
             upcast = (layer + (extras_last if last else 0)) * (gb // b - 1)  # fp16 -> fp32 copies
