@@ -44,7 +44,7 @@ def test_output_error_is_the_error_on_the_tokens(cross):
     W = torch.randn(8, 24, generator=g)
     Q = W + 0.05 * torch.randn(8, 24, generator=g)
     stats = InputStatistics.from_tensors(X, w, X_fp if cross else None)
-    got = OutputError(W, stats.gram_factor(0.01))(Q)
+    got = OutputError(W, stats, 0.01)(Q)
     assert got == pytest.approx(_token_error(W, Q, X, X_fp, w), rel=1e-4)
 
 

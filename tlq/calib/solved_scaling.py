@@ -37,10 +37,10 @@ from tlq.adapters import LinearGroup, get_submodule
 from tlq.calib.config import CalibConfig
 from tlq.calib.input_scaling import can_fold
 from tlq.calib.timing import timed
-from tlq.quant.qparams import QuantizedWeight, quantize_rtn
+from tlq.quant.qparams import QuantizedWeight, fake_quantize
 from tlq.quant.scale_search import scale_candidates, weight_magnitude
 from tlq.quant.solvers import SOLVERS, GroupData, SolverSettings
-from tlq.quant.statistics import ExposureFactor, InputStatistics
+from tlq.quant.statistics import InputStatistics
 
 
 @dataclass
@@ -63,7 +63,7 @@ def proxy_scale(Ws: list[torch.Tensor], stats: InputStatistics, cfg: CalibConfig
     for step, s in enumerate(scale_candidates(stat, cfg.n_grid, w_mean)):
         loss = 0.0
         for W in Ws:
-            Q = quantize_rtn(W * s, scheme.bits, scheme.group_size, scheme.symmetric, dtype).dequantize().to(W)
+            Q = fake_quantize(W * s, scheme.bits, scheme.group_size, scheme.symmetric, dtype)
             loss += float(((W - Q / s).square() * energy).sum())
         if loss < best:
             best, best_s = loss, (None if step == 0 and w_mean is None else s)
@@ -73,11 +73,12 @@ def proxy_scale(Ws: list[torch.Tensor], stats: InputStatistics, cfg: CalibConfig
 class OutputError:
     """E(Q) - E(W) of the module docstring for one linear (W [N, K] float, unscaled coordinates)."""
 
-    def __init__(self, W: torch.Tensor, gram: ExposureFactor):
+    def __init__(self, W: torch.Tensor, stats: InputStatistics, damp: float):
+        gram = stats.gram_factor(damp)  # before the GPTQ factor consumes M
         self.L, self.lam, self.W = gram.L, gram.lam, W.to(gram.L)
         W = self.W
-        # W A - W C/S, with A = L L^T - lam I; zero without the float path (C/S = A)
-        self.pull = None if gram.C is None else (W @ self.L) @ self.L.T - self.lam * W - W @ gram.C.to(W)
+        # W A - W C/S; zero without the float path (C/S = A)
+        self.pull = None if gram.C is None else (W @ stats.M) / stats.S - W @ gram.C.to(W)
 
     def __call__(self, Q: torch.Tensor) -> float:
         D = Q.to(self.W) - self.W
@@ -100,7 +101,7 @@ def solve_group(layer: nn.Module, group: LinearGroup, data: GroupData, cfg: Cali
         with timed("solve"):
             return GroupSolution({n: solve(W, data, settings).to("cpu") for n, W in Ws.items()}, None)
     with timed("scale search"):
-        errors = {n: OutputError(W, stats.gram_factor(settings.damp)) for n, W in Ws.items()}  # before M is consumed
+        errors = {n: OutputError(W, stats, settings.damp) for n, W in Ws.items()}
     with timed("solve"):
         plain = {n: solve(W, data, settings) for n, W in Ws.items()}
     with timed("scale search"):
