@@ -101,7 +101,7 @@ class pre_layers_on_device:
             module = self.model.get_submodule(name)
             for table in (module._parameters, module._buffers):
                 for key, t in table.items():
-                    if t is None:
+                    if t is None or t.is_meta:  # not materialised here (a pipeline stage's skeleton)
                         continue
                     self.swapped.append((table, key, t))
                     moved = t.to(self.device)

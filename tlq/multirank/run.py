@@ -139,7 +139,8 @@ def _calibrate_stage(ctx: RankContext, cfg: CalibConfig, source, model, mine: di
     ctx.watchdog.phase = "loading this rank's weights"
     materialize(model, source, mine, record)
     with timed("capture"):
-        captured = share_samples(ctx, capture_samples(model, source, samples, progress) if ctx.is_first else None)
+        captured = share_samples(ctx, capture_samples(model, source, samples, progress, cfg.device, cfg.max_pixels)
+                                 if ctx.is_first else None)
     key = {**cfg.run_key(), "rank": ctx.rank, "world": ctx.world, "layers": [stage.start, stage.stop]}
     work = WorkFolder(rank_work_dir(cfg, ctx.rank, ctx.world), key)
     done = max(work.open(cfg.resume), stage.start)
