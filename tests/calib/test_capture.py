@@ -52,3 +52,15 @@ def test_small_max_pixels_gives_fewer_vision_tokens(qwen2_vl_dir, tmp_path):
         return calibration["token_stats"]["tokens_per_modality"]["vision"]
     full, small = vision_tokens(None), vision_tokens(28 * 28 * 4)
     assert 0 < small < full
+
+
+def test_unmaterialised_tensors_stay_put(qwen2_vl_dir):
+    """A pipeline stage's skeleton holds meta tensors it never runs: capture leaves them alone."""
+    model = open_source_model(qwen2_vl_dir).load_hf_model()
+    adapter = adapter_for_model_type(model.config.model_type)
+    embed = get_submodule(model, adapter.embed_tokens)
+    embed.weight = torch.nn.Parameter(embed.weight.to("meta"), requires_grad=False)
+    skeleton = embed.weight
+    with pre_layers_on_device(model, adapter, "meta") as moved:
+        assert embed.weight is skeleton
+        assert all(table[key] is not skeleton for table, key, _ in moved.swapped)
