@@ -68,3 +68,14 @@ def test_spilled_run_gives_the_same_checkpoint_and_resumes(qwen2_vl_dir, tmp_pat
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
     assert tensor_hashes(tmp_path / "disk") == tensor_hashes(ram)
     assert not (tmp_path / ".disk.work").exists()
+
+
+def test_another_runs_spilled_streams_are_cleared(tmp_path):
+    """A work folder left by a killed spilled run of other settings holds stream folders: a new run
+    clears them (it used to stop with IsADirectoryError)."""
+    from tlq.calib.layer_loop import WorkFolder
+    old = WorkFolder(tmp_path / "w", {"run": 1})
+    old.open(False)
+    StreamFolder(old.path / "streams").new("L0000-q").append(torch.ones(1, 2, 3))
+    assert WorkFolder(tmp_path / "w", {"run": 2}).open(True) == 0
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["run.json"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +84,9 @@ class WorkFolder:
         key_file = self.path / "run.json"
         if resume and key_file.is_file() and json.loads(key_file.read_text()) == self.key and (self.path / _STATE).is_file():
             return int(torch.load(self.path / _STATE, weights_only=False)["next_layer"])
-        if self.path.exists():
+        if self.path.exists():  # another run's results, and its spilled streams (folders)
             for f in self.path.iterdir():
-                f.unlink()
+                shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(key_file, self.key)
         return 0
