@@ -15,9 +15,9 @@ JOB.json (written by benchmarks/quality_lib/peers.py):
 Each method is llm-compressor's own recipe with its defaults (GPTQModifier; AWQModifier then
 QuantizationModifier; SmoothQuantModifier at strength 0.5 then QuantizationModifier), the
 vision tower and lm_head ignored, one decoder layer per sequential stage (as its Qwen2-VL
-example). AWQ and SmoothQuant get the mappings of llm-compressor's Qwen2.5-VL / default entries
-scoped to the language model, since its registries have no entry for Qwen2-VL or
-LLaVA-OneVision.
+example), fed each sample's language-model inputs (`language_model_inputs`). AWQ and SmoothQuant
+get the mappings of llm-compressor's Qwen2.5-VL / default entries scoped to the language model,
+since its registries have no entry for Qwen2-VL or LLaVA-OneVision.
 
 The result is written as a float folder: every quantized linear's weight is replaced by
 compressed-tensors' own fake_quantize of it with the scales and zero points llm-compressor
@@ -44,6 +44,7 @@ from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
 QPARAM_PREFIXES = ("weight_", "input_", "output_")
+LM_INPUTS = ("inputs_embeds", "position_ids", "attention_mask")
 IGNORE = ["lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 LM = r"re:.*language_model\.layers\.\d+\."
 AWQ_MAPPINGS = [
@@ -132,6 +133,37 @@ def cpu_only_fixes() -> None:
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def language_model_inputs(model, samples: list[dict]) -> list[dict]:
+    """What the language model receives for each sample: the embeddings with the image features merged
+    in, its position ids (Qwen2-VL's 3-D rope) and mask. llm-compressor's sequential pipeline traces the
+    model once, on the first sample, so every sample must carry the same inputs: raw text-only and image
+    samples do not (an image-free first sample traces the vision branch away and later image samples
+    are calibrated without their image; an image first sample rejects text-only ones). The vision tower
+    is not quantized, so it runs here once and calibration starts at the language model, which then
+    sees exactly what it sees in the full model."""
+    captured = []
+
+    def grab(_module, _args, kwargs):
+        captured.append({k: kwargs[k] for k in LM_INPUTS if kwargs.get(k) is not None})
+        raise _Captured
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for sample in samples:
+            try:
+                model(**sample)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
 def main(path: str) -> None:
     t0 = time.time()
     cpu_only_fixes()
@@ -139,7 +171,7 @@ def main(path: str) -> None:
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(job["model"], dtype="auto")
     processor = AutoProcessor.from_pretrained(job["model"])
-    samples = torch.load(job["samples"])
+    samples = language_model_inputs(model, torch.load(job["samples"]))
     loader = torch.utils.data.DataLoader(samples, batch_size=1, collate_fn=lambda batch: batch[0])
     layer = type(model.model.language_model.layers[0]).__name__
     t1 = time.time()
