@@ -161,6 +161,19 @@ def language_model_inputs(model, samples: list[dict]) -> list[dict]:
                 pass
     finally:
         handle.remove()
+    return with_positions(captured)
+
+
+def with_positions(captured: list[dict]) -> list[dict]:
+    """Explicit position ids where the model left them to the language model's default (Qwen2-VL: text-only
+    samples get none, image samples 3-D ones): 0..T-1 in the layout of the others, which is that default."""
+    layout = next((c["position_ids"] for c in captured if "position_ids" in c), None)
+    if layout is None:
+        return captured
+    for c in captured:
+        if "position_ids" not in c:
+            n = c["inputs_embeds"].shape[1]
+            c["position_ids"] = torch.arange(n).expand(*layout.shape[:-1], n).clone()
     return captured
 
 
