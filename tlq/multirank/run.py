@@ -26,7 +26,7 @@ from tlq.calib.phases import (
     rtn_packed,
 )
 from tlq.calib.rss import peak_rss_mb, rss_mark, trim_heap, write_memory_record
-from tlq.calib.streams import should_spill, stream_bytes
+from tlq.calib.streams import LOOP_STREAMS, should_spill, stream_bytes
 from tlq.calib.timing import phase_times, reset_phase_times, timed
 from tlq.errors import TLQError
 from tlq.multirank.context import PeerLost, RankContext, init_rank, rank_device
@@ -150,12 +150,13 @@ def _calibrate_stage(ctx: RankContext, cfg: CalibConfig, source, model, mine: di
         weights, entry = _token_weights(ctx, model, source.adapter, stage, captured, cfg, work, progress)
     trim_heap()
     rss_mark("token weights")
-    # the stage's streams in RAM: the loop's four and the FP targets computed ahead; above their
+    # the stage's streams in RAM: the loop's four, or three beside k FP targets computed ahead (the
+    # first target is the first layer's y_fp), as the dry-run counts them; above their
     # share of --host-memory all of them (the entry streams too) go to files in the work folder
     size = stream_bytes(sum(s.num_tokens for s in captured), get_submodule(model, source.adapter.final_norm)
                         .weight.shape[0], next(model.parameters()).dtype, streams=1)
     ahead = ahead_count(ctx.is_first, entry is None, stage, done, size, ctx.settings.fp_prefetch_mb * 2**20)
-    streams = loop_streams(work, should_spill(4 * size + ahead * size, cfg.host_memory))
+    streams = loop_streams(work, should_spill(max(LOOP_STREAMS, 3 + ahead) * size, cfg.host_memory))
     entry, targets = fp_prefetch(ctx, model, source.adapter, stage, captured, entry, cfg.device, ahead, done, streams)
     loop = run_stage(ctx, model, source.adapter, captured, weights, cfg, work, done, stage, entry, targets,
                      progress, keep=packer(source.dtype), streams=streams)
