@@ -114,7 +114,7 @@ def run(args, work: Path) -> int:
     row("peak RSS (MiB)", [f"{one['peak_rss_mb']:.0f}"] + [f"{r['peak_rss_mb']:.0f}" for r in ranks])
     row("weights read (MiB)", ["all"] + [f"{r['loaded_bytes'] / 2**20:.1f}" for r in ranks])
     row("wall time (s)", [f"{one['wall_s']:.1f}", f"{two['wall_s']:.1f}"])
-    dry_args = [a for a in base[3:] if a != "--quiet"]
+    dry_args = [a for a in base[4:] if a != "--quiet"]  # after "python -m tlq calibrate"
     dry = [host_peaks_gib(dry_args + ["--out", str(work / "dry"), "--nproc", str(n)]) for n in (1, 2)]
     if None not in dry:
         estimates = dry[0] + dry[1]
