@@ -73,6 +73,8 @@ def test_cpu_command_and_env(rtn_ckpt, tmp_path):
     assert env["VLLM_TARGET_DEVICE"] == "cpu" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert env["HF_HUB_OFFLINE"] == "1" and env["TMPDIR"] == str(tmp_path / "tmp")
     assert env["VLLM_CACHE_ROOT"].startswith(str(tmp_path))
+    assert env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "60"
+    assert vllm_env(cfg, tmp_path, base={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "7"})["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "7"
     no_key = vllm_env(resolve(ServeConfig(model=rtn_ckpt, device="cpu"), model_defaults(rtn_ckpt)), tmp_path,
                       base={"VLLM_API_KEY": "stale"})
     assert "VLLM_API_KEY" not in no_key
