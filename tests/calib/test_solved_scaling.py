@@ -10,9 +10,9 @@ from reference.blocks import decoder_layer
 
 from tlq.adapters import QWEN2_VL, get_submodule
 from tlq.calib.config import METHODS, CalibConfig
+from tlq.calib.input_scaling import scales_in_loop
 from tlq.calib.layer_solve import LayerInputs, calibrate_layer
 from tlq.calib.probes import collect_inputs
-from tlq.calib.input_scaling import scales_in_loop
 from tlq.calib.solved_scaling import OutputError, fold_into_previous, solve_group
 from tlq.quant.gptq import HessianFactor, gptq_core
 from tlq.quant.qparams import quantize_rtn

@@ -80,8 +80,8 @@ class QuantizedWeight:
     group_size: int
     g_idx: torch.Tensor | None = None
 
-    def to(self, device) -> "QuantizedWeight":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    def to(self, device) -> QuantizedWeight:
+        move = lambda t: None if t is None else t.to(device)
         return QuantizedWeight(move(self.codes), move(self.scales), move(self.zeros), self.bits,
                                self.group_size, move(self.g_idx))
 
