@@ -81,9 +81,9 @@ def test_the_judged_scale_never_loses_on_the_tokens(outliers, tmp_path):
     for group in QWEN2_VL.linear_groups:
         X = collect_inputs(layer, group.names[0], [hidden], [kw], "cpu")
         w = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(2)) + 0.2
-        solution = solve_group(layer, group, GroupData(X[:0], w, None, InputStatistics.from_tensors(X, w, X)),
+        solution = solve_group(layer, group, GroupData(X[:0], w, None, InputStatistics.from_tensors(X, w, X, activation_stat=True)),
                                cfg, torch.float32, settings)
-        plain = solve_group(layer, group, GroupData(X[:0], w, None, InputStatistics.from_tensors(X, w, X)),
+        plain = solve_group(layer, group, GroupData(X[:0], w, None, InputStatistics.from_tensors(X, w, X, activation_stat=True)),
                             dataclasses.replace(cfg, n_grid=1), torch.float32, settings)
         assert plain.scale is None  # a one-point grid is the identity alone
         scale = torch.ones(X.shape[1]) if solution.scale is None else solution.scale

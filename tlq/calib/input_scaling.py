@@ -46,18 +46,25 @@ def scales_in_loop(cfg: CalibConfig) -> bool:
             and resolve_scaling(cfg.method.input_scaling, True) == "awq" and SOLVERS[cfg.method.solver].needs_data)
 
 
+def divide_output(prev: nn.Module, s: torch.Tensor, rows: bool = True) -> None:
+    """prev's output divided by s: a norm's scale vector, or a linear's rows and bias (rows=False: the
+    bias only, for a quantized linear whose rows change through its quantization scales)."""
+    with torch.no_grad():
+        if not isinstance(prev, nn.Linear):  # RMSNorm-style scale vector
+            prev.weight.div_(s.to(prev.weight.dtype))
+            return
+        if rows:
+            prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+
+
 def fold_scale(layer: nn.Module, group: LinearGroup, s: torch.Tensor) -> bool:
     """X -> X / s folded into the group's previous op, W -> W * s; False if it cannot absorb s."""
     if not can_fold(layer, group, s.numel()):
         return False
-    prev = get_submodule(layer, group.prev_op)
+    divide_output(get_submodule(layer, group.prev_op), s)
     with torch.no_grad():
-        if isinstance(prev, nn.Linear):
-            prev.weight.div_(s.to(prev.weight.dtype)[:, None])
-            if prev.bias is not None:
-                prev.bias.div_(s.to(prev.bias.dtype))
-        else:  # RMSNorm-style scale vector
-            prev.weight.div_(s.to(prev.weight.dtype))
         for name in group.names:
             lin = get_submodule(layer, name)
             lin.weight.mul_(s.to(lin.weight.dtype)[None, :])

@@ -120,7 +120,7 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
                                 fp_scaled if method.exposure == "corrected" else None, group.names[0],
                                 inputs.calib, inputs.fp, inputs.kwargs, device, weights=w, keep=keep,
                                 act_quant=not scheme.weight_only, batch_tokens=cfg.batch_tokens,
-                                search=search if method.clip_search else None)
+                                search=search if method.clip_search else None, activation_stat=in_loop)
         if in_loop:
             solution = solve_group(layer, group, data, cfg, dtype, settings)
         else:

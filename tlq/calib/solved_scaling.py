@@ -35,7 +35,7 @@ from torch import nn
 
 from tlq.adapters import LinearGroup, get_submodule
 from tlq.calib.config import CalibConfig
-from tlq.calib.input_scaling import can_fold
+from tlq.calib.input_scaling import can_fold, divide_output
 from tlq.calib.timing import timed
 from tlq.quant.qparams import QuantizedWeight, fake_quantize
 from tlq.quant.scale_search import scale_candidates, weight_magnitude
@@ -122,21 +122,16 @@ def fold_into_previous(layer: nn.Module, layer_prefix: str, group: LinearGroup, 
     name) has its row scales divided by s and its layer weight set to the new dequantized values."""
     prev = get_submodule(layer, group.prev_op)
     full = f"{layer_prefix}.{group.prev_op}"
-    changed = {}
-    with torch.no_grad():
-        if isinstance(prev, nn.Linear):
-            if full in quantized:
-                qw = quantized[full]
-                scales = (qw.scales / s.to(qw.scales)[:, None]).to(scale_dtype).float()
-                quantized[full] = QuantizedWeight(qw.codes, scales, qw.zeros, qw.bits, qw.group_size, qw.g_idx)
-                prev.weight.copy_(quantized[full].dequantize(prev.weight.dtype))
-            else:  # a float linear (not quantized): its new rows are written as they are
-                prev.weight.div_(s.to(prev.weight.dtype)[:, None])
-                changed[f"{full}.weight"] = prev.weight.detach().cpu().clone()
-            if prev.bias is not None:
-                prev.bias.div_(s.to(prev.bias.dtype))
-                changed[f"{full}.bias"] = prev.bias.detach().cpu().clone()
-        else:  # RMSNorm-style scale vector
-            prev.weight.div_(s.to(prev.weight.dtype))
-            changed[f"{full}.weight"] = prev.weight.detach().cpu().clone()
+    rows_quantized = isinstance(prev, nn.Linear) and full in quantized
+    if rows_quantized:
+        qw = quantized[full]
+        scales = (qw.scales / s.to(qw.scales)[:, None]).to(scale_dtype).float()
+        quantized[full] = QuantizedWeight(qw.codes, scales, qw.zeros, qw.bits, qw.group_size, qw.g_idx)
+        with torch.no_grad():
+            prev.weight.copy_(quantized[full].dequantize(prev.weight.dtype))
+    divide_output(prev, s, rows=not rows_quantized)
+    # what the checkpoint then stores as float tensors: a norm's or a float linear's weight, a bias
+    changed = {} if rows_quantized else {f"{full}.weight": prev.weight.detach().cpu().clone()}
+    if getattr(prev, "bias", None) is not None:
+        changed[f"{full}.bias"] = prev.bias.detach().cpu().clone()
     return changed

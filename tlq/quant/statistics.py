@@ -4,7 +4,8 @@ For the kept tokens t of all samples, with token weights w_t (1 for uniform meth
 the calibration path and x_fp,t on the float path (corrected exposure only):
 
     M = sum_t w_t x_t x_t^T          C = sum_t w_t x_fp,t x_t^T          S = sum_t w_t
-    a = sum_t w_t |x_t|  (the activation statistic of the input-scale search, a K-vector)
+    a = sum_t w_t |x_t|  (the activation statistic of the input-scale search, a K-vector; kept only
+                          when asked for, `activation_stat`)
 
 Then H = 2 M / S is the (token-weighted) GPTQ Hessian, and the exposure-corrected target needs only
 M / S and C / S (tlq/quant/weighted_gptq.py). Inputs are folded in batch by batch (`add`) and
@@ -57,8 +58,8 @@ def check_token_weights(n_tokens: int, w: torch.Tensor | None) -> torch.Tensor |
 class InputStatistics:
     """M, C and S of the module docstring, accumulated batch by batch on `device`."""
 
-    def __init__(self, weighted: bool, cross: bool):
-        self.weighted, self.cross = weighted, cross
+    def __init__(self, weighted: bool, cross: bool, activation_stat: bool = False):
+        self.weighted, self.cross, self.activation_stat = weighted, cross, activation_stat
         self.M: torch.Tensor | None = None
         self.C: torch.Tensor | None = None
         self.S: torch.Tensor | float = 0.0
@@ -69,9 +70,9 @@ class InputStatistics:
         self._gptq: dict[tuple[float, bool], HessianFactor] = {}
 
     @classmethod
-    def from_tensors(cls, X: torch.Tensor, w: torch.Tensor | None = None,
-                     X_fp: torch.Tensor | None = None) -> InputStatistics:
-        stats = cls(weighted=w is not None, cross=X_fp is not None)
+    def from_tensors(cls, X: torch.Tensor, w: torch.Tensor | None = None, X_fp: torch.Tensor | None = None,
+                     activation_stat: bool = False) -> InputStatistics:
+        stats = cls(weighted=w is not None, cross=X_fp is not None, activation_stat=activation_stat)
         stats.add(X, w, X_fp)
         return stats
 
@@ -85,8 +86,6 @@ class InputStatistics:
             raise TLQError(f"FP inputs {tuple(X_fp.shape)} and exposed inputs {tuple(X.shape)} differ; "
                            "both paths must see the same tokens")
         Dx = X if w is None else X * w[:, None]
-        batch_abs = Dx.abs().sum(0)  # w >= 0, so |w x| = w |x|
-        self.abs_sum = batch_abs if self.abs_sum is None else self.abs_sum + batch_abs
         if self.M is None:  # the first batch: exactly the all-at-once product
             self.M = X.T @ Dx
             self.C = None if X_fp is None else X_fp.float().reshape(-1, X.shape[-1]).T @ Dx
@@ -94,6 +93,9 @@ class InputStatistics:
             self.M.addmm_(X.T, Dx)
             if X_fp is not None:
                 self.C.addmm_(X_fp.float().reshape(-1, X.shape[-1]).T, Dx)
+        if self.activation_stat:  # w >= 0, so |w x| = w |x|; the weighted copy is ours, taken in place
+            batch_abs = (Dx.abs() if w is None else Dx.abs_()).sum(0)
+            self.abs_sum = batch_abs if self.abs_sum is None else self.abs_sum + batch_abs
         self.S = self.S + (X.shape[0] if w is None else w.sum())
         self.tokens += X.shape[0]
 
@@ -112,6 +114,8 @@ class InputStatistics:
     def activation_statistic(self) -> torch.Tensor:
         """a / S: the (token-weighted) mean |x| per input channel, AWQ's get_act_scale."""
         self._check()
+        if self.abs_sum is None:
+            raise TLQError("the activation statistic was not collected; build the statistics with activation_stat")
         return self.abs_sum / self.S
 
     def input_energy(self) -> torch.Tensor:
