@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from tlq.errors import TLQError
+from tlq.quant.qparams import SymmetricGrid
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class QuantScheme:
         group_size: input-channel group size for weight scales; -1 = per output channel.
         symmetric: True = no zero points (code offset 2**(bits-1)); False = per-group zero points.
         act_bits: 16 = weight-only; 8 = per-token dynamic symmetric int8 activations.
+        grid: how a symmetric group's absmax becomes its scale (tlq.quant.qparams.SymmetricGrid);
+            not part of the stored format, so a calibration run sets it from its method
+            (MethodSpec.grid); asymmetric schemes ignore it.
     """
 
     name: str
@@ -28,6 +32,7 @@ class QuantScheme:
     group_size: int
     symmetric: bool
     act_bits: int = 16
+    grid: SymmetricGrid = SymmetricGrid.FULL
 
     @property
     def weight_only(self) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tlq.errors import TLQError
+from tlq.quant.qparams import SymmetricGrid
 from tlq.quant.scale_search import ScaleSearchSpec
 from tlq.quant.solvers import SOLVERS
 from tlq.schemes import QuantScheme
@@ -79,6 +80,8 @@ class MethodSpec:
             the ridge of the exposure target), used when CalibConfig.damp is not given.
         exposure_strength: default share of the corrected-exposure shift W* - W that is applied
             (0..1), used when CalibConfig.exposure_strength is not given.
+        grid: how symmetric schemes turn a group's absmax into its scale, as the method's reference
+            code does (tlq.quant.qparams.SymmetricGrid); the run's scheme carries it.
     """
 
     name: str
@@ -91,6 +94,7 @@ class MethodSpec:
     exposure: str = "quantized"
     damp: float = 0.01
     exposure_strength: float = 1.0
+    grid: SymmetricGrid = SymmetricGrid.FULL
 
     @property
     def needs_data(self) -> bool:
@@ -109,12 +113,17 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("gptq", "GPTQ on the quantized layers' outputs (sequential, like llm-compressor)", solver="gptq"),
     # The baselines as their code ships them (AutoAWQ / llm-awq, mit-han-lab/smoothquant, thu-nics/MBQ):
     # statistics and losses on the float model's layer inputs, block-output loss, MBQ without clipping.
+    # AWQ and MBQ round on their pseudo_quantize_tensor's grid (absmax / (2**(b-1) - 1)); rtn, gptq,
+    # tlq and smoothquant on IST-DASLab's / compressed-tensors' (absmax / ((2**b - 1) / 2)):
+    # SmoothQuant's own fake_quant.py ships 8-bit weights only, and the 4-bit rows it is compared
+    # with (llm-compressor: SmoothQuantModifier, then QuantizationModifier) round on that grid.
     MethodSpec("awq", "AWQ: activation-aware input scales and weight clipping, then RTN",
-               input_scaling="awq", clip_search=True, exposure="fp"),
+               input_scaling="awq", clip_search=True, exposure="fp", grid=SymmetricGrid.RESTRICTED),
     MethodSpec("smoothquant", "SmoothQuant (alpha 0.5) input smoothing, then RTN; for w4a8",
                input_scaling="smoothquant", exposure="fp"),
     MethodSpec("mbq", "MBQ: modality-balanced gradient-weighted scale search (weighted MAE), then RTN",
-               importance="modality", input_scaling="awq", scale_search=ScaleSearchSpec(loss="mae"), exposure="fp"),
+               importance="modality", input_scaling="awq", scale_search=ScaleSearchSpec(loss="mae"), exposure="fp",
+               grid=SymmetricGrid.RESTRICTED),
     # damp 0.1 and half the exposure shift: token weights lower the effective number of calibration
     # tokens and W* is a K x K regression on them; both were chosen on the validation split of the
     # trained fixtures (docs/quality.md), where the undamped defaults overfit the calibration tokens.
@@ -143,7 +152,7 @@ class CalibConfig:
         model: local folder of the float model.
         out: checkpoint folder to write.
         method: the method (axes above), possibly with CLI overrides applied.
-        scheme: numerics (tlq.schemes).
+        scheme: numerics (tlq.schemes); its grid is set to the method's (MethodSpec.grid).
         calib: calibration JSONL (None = the bundled set).
         max_samples: use at most this many samples (None = all).
         seed: seeds sampling and every random choice; same seed, same checkpoint.
@@ -199,6 +208,8 @@ class CalibConfig:
         self.model, self.out = Path(self.model), Path(self.out)
         if self.method.importance != self.importance.mode:
             self.importance = replace(self.importance, mode=self.method.importance)
+        if self.scheme.grid != self.method.grid:  # the method's reference grid (MethodSpec.grid)
+            self.scheme = replace(self.scheme, grid=self.method.grid)
         if self.method.solver not in SOLVERS:
             raise TLQError(f"unknown solver {self.method.solver!r}; choose one of {', '.join(SOLVERS)}")
         if self.method.exposure not in EXPOSURE_MODES:

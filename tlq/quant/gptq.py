@@ -15,6 +15,11 @@ Steps, as in the reference:
   6. group parameters are chosen at each group start (every group_size columns, in the
      processing order) from the group's current, already error-updated weights;
      per-channel (group_size -1) chooses them once over the whole row.
+Group parameters come from the scheme's grid (tlq.quant.qparams). The gptq and tlq methods use
+SymmetricGrid.FULL, the reference's symmetric quantizer (quant.py, Quantizer.find_params with
+sym=True: scale = 2 absmax / (2**b - 1), zero = 2**(b-1)); one difference is kept on purpose: for a
+group with no negative weight the reference keeps xmin = 0 and so clamps the group's upper half,
+while find_params uses the absmax either way.
 With act-order and groups, group g holds the permuted columns [g*G, (g+1)*G), so the
 result carries g_idx[k] = group of original column k.
 """
@@ -110,7 +115,7 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor | None, scheme: QuantScheme, scal
         factor = hessian_factor(H, damp, act_order)
     W = W.float().clone()
     N, K = W.shape
-    bits, sym, gs = scheme.bits, scheme.symmetric, scheme.group_size
+    bits, sym, gs, grid = scheme.bits, scheme.symmetric, scheme.group_size, scheme.grid
     g = K if gs == -1 else gs
     W[:, factor.dead] = 0
     perm = factor.perm
@@ -125,7 +130,7 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor | None, scheme: QuantScheme, scal
     Q = torch.empty(N, K, device=W.device)
     s = z = None
     if gs == -1:
-        s, z = find_params(W, bits, sym, scale_dtype)
+        s, z = find_params(W, bits, sym, scale_dtype, grid=grid)
 
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -136,7 +141,8 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor | None, scheme: QuantScheme, scal
             col = i1 + i
             if col % g == 0:
                 if gs != -1:
-                    s, z = find_params(_group_weights(W, W1, Err1, Hinv, i1, i, i2, g), bits, sym, scale_dtype)
+                    s, z = find_params(_group_weights(W, W1, Err1, Hinv, i1, i, i2, g), bits, sym, scale_dtype,
+                                       grid=grid)
                 scales[:, col // g] = s
                 if zeros is not None:
                     zeros[:, col // g] = z

@@ -2,17 +2,42 @@
 
 Conventions (docs/format.md): codes q are unsigned in [0, 2**b - 1];
   asymmetric: w = (q - z) * s  with a per-group zero point z in [0, 2**b - 1];
-  symmetric:  w = (q - 2**(b-1)) * s,  s = absmax / (2**(b-1) - 1).
+  symmetric:  w = (q - 2**(b-1)) * s,  with s chosen from the group's absmax by a SymmetricGrid:
+    full:       s = absmax / ((2**b - 1) / 2)   (absmax / 7.5 at 4 bits; codes -8..7 all used)
+    restricted: s = absmax / (2**(b-1) - 1)     (absmax / 7; code -8 never used)
+The format is the same for both; only how s is chosen differs, and each method's registry entry
+(tlq/calib/config.py, MethodSpec.grid) declares the grid its reference code uses.
 Scales are rounded (up) to the checkpoint's scale dtype *before* codes are chosen, so
 the dequantized weight is exactly what a kernel computes from the stored tensors.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
 EPS = 1e-8
+
+
+class SymmetricGrid(str, Enum):
+    """How a symmetric group's absmax becomes its scale (module docstring).
+
+    FULL: IST-DASLab/gptq quant.py (Quantizer.find_params, sym=True: scale = 2 absmax / maxq,
+        zero = (maxq + 1) / 2) and compressed-tensors (calculate_qparams: absmax / (bit_range / 2),
+        codes clamped to [-2**(b-1), 2**(b-1) - 1]), i.e. llm-compressor. The largest positive
+        weight lands half a step past the top code and is clamped (error s/2, as any rounding).
+    RESTRICTED: mit-han-lab/llm-awq awq/quantize/quantizer.py, casper-hansen/AutoAWQ
+        awq/quantize/quantizer.py and thu-nics/MBQ qmllm/quantization/quant_funcs.py
+        (pseudo_quantize_tensor with zero_point=False: absmax / (2**(b-1) - 1)).
+    """
+
+    FULL = "full"
+    RESTRICTED = "restricted"
+
+    def steps(self, bits: int) -> float:
+        """absmax / scale: the number of steps between 0 and the largest magnitude."""
+        return (2**bits - 1) / 2 if self is SymmetricGrid.FULL else float(2 ** (bits - 1) - 1)
 
 
 def max_code(bits: int) -> int:
@@ -33,15 +58,17 @@ def round_up_to_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def find_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
-                clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                clip_ratio: float | torch.Tensor = 1.0, grid: SymmetricGrid = SymmetricGrid.FULL
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (float32, dtype-rounded) and zero point (int32 or None) per row of w[N, G].
 
-    `clip_ratio` (scalar or [N]) shrinks the range before rounding (AWQ-style clipping).
+    `clip_ratio` (scalar or [N]) shrinks the range before rounding (AWQ-style clipping); `grid`
+    picks the symmetric scale (SymmetricGrid) and is ignored by asymmetric schemes.
     """
     w = w.float()
     if symmetric:
         absmax = w.abs().amax(dim=1) * clip_ratio
-        scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=EPS)
+        scale = (absmax / grid.steps(bits)).clamp(min=EPS)
         return round_up_to_dtype(scale, scale_dtype), None
     # the range always holds 0 (as in GPTQ) so the zero point is a valid code
     wmax = w.amax(dim=1).clamp(min=0) * clip_ratio
@@ -108,8 +135,9 @@ def n_groups(k: int, group_size: int) -> int:
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                 scale_dtype: torch.dtype, clip_ratio: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest with per-group min/max (or absmax) scales.
+                 scale_dtype: torch.dtype, clip_ratio: torch.Tensor | None = None,
+                 grid: SymmetricGrid = SymmetricGrid.FULL) -> QuantizedWeight:
+    """Round-to-nearest with per-group min/max (or absmax, on `grid`) scales.
 
     `clip_ratio` [N, n_groups] optionally shrinks each group's range (AWQ clipping).
     """
@@ -119,7 +147,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     if k % g == 0:  # whole groups: one call over [n * ng, g] rows, the same arithmetic as the loop below
         rows = w.reshape(n * ng, g)
         ratio = 1.0 if clip_ratio is None else clip_ratio.reshape(n * ng)
-        s, z = find_params(rows, bits, symmetric, scale_dtype, ratio)
+        s, z = find_params(rows, bits, symmetric, scale_dtype, ratio, grid)
         codes = quantize_to_codes(rows, s[:, None], None if z is None else z[:, None], bits).reshape(n, k)
         return QuantizedWeight(codes, s.reshape(n, ng), None if z is None else z.reshape(n, ng), bits, group_size)
     scales = torch.empty(n, ng, device=w.device)
@@ -128,7 +156,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     for j in range(ng):
         cols = slice(j * g, min((j + 1) * g, k))
         ratio = 1.0 if clip_ratio is None else clip_ratio[:, j]
-        s, z = find_params(w[:, cols], bits, symmetric, scale_dtype, ratio)
+        s, z = find_params(w[:, cols], bits, symmetric, scale_dtype, ratio, grid)
         scales[:, j] = s
         if zeros is not None:
             zeros[:, j] = z
@@ -136,15 +164,15 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     return QuantizedWeight(codes, scales, zeros, bits, group_size)
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
-                  ) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype,
+                  grid: SymmetricGrid = SymmetricGrid.FULL) -> torch.Tensor:
     """quantize_rtn(...).dequantize() without materialising codes (the searches call it per candidate)."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
     if k % g:
-        return quantize_rtn(w, bits, group_size, symmetric, scale_dtype).dequantize().to(w.device)
+        return quantize_rtn(w, bits, group_size, symmetric, scale_dtype, grid=grid).dequantize().to(w.device)
     rows = w.float().reshape(-1, g)
-    s, z = find_params(rows, bits, symmetric, scale_dtype)
+    s, z = find_params(rows, bits, symmetric, scale_dtype, grid=grid)
     offset = _offset(None if z is None else z[:, None], bits)
     q = (torch.round(rows / s[:, None]) + offset).clamp_(0, max_code(bits))
     return ((q - offset) * s[:, None]).reshape(n, k)

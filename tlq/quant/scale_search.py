@@ -79,7 +79,7 @@ def _token_weights(X: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 
 
 def _rtn_dequant(W: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype) -> torch.Tensor:
-    return fake_quantize(W, scheme.bits, scheme.group_size, scheme.symmetric, scale_dtype)
+    return fake_quantize(W, scheme.bits, scheme.group_size, scheme.symmetric, scale_dtype, grid=scheme.grid)
 
 
 def weight_magnitude(Ws: list[torch.Tensor], group_size: int) -> torch.Tensor:

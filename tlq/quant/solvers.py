@@ -52,7 +52,7 @@ class SolverSettings:
     """The numerics and method options a solver reads.
 
     Attributes:
-        scheme: bits, group size, symmetry (tlq.schemes).
+        scheme: bits, group size, symmetry and symmetric grid (tlq.schemes).
         scale_dtype: dtype the checkpoint stores scales in (the model's).
         damp: GPTQ damping (fraction of the mean Hessian diagonal), also the exposure ridge.
         act_order: GPTQ act-order.
@@ -75,7 +75,7 @@ def solve_rtn(W: torch.Tensor, data: GroupData, s: SolverSettings) -> QuantizedW
     if s.clip_search:
         ratio = search_clip_ratios(W, data.X, s.scheme, s.scale_dtype, w=data.w, n_grid=s.n_grid)
         W = clip_weights(W, ratio, s.scheme.group_size)
-    return quantize_rtn(W, s.scheme.bits, s.scheme.group_size, s.scheme.symmetric, s.scale_dtype)
+    return quantize_rtn(W, s.scheme.bits, s.scheme.group_size, s.scheme.symmetric, s.scale_dtype, grid=s.scheme.grid)
 
 
 def solve_gptq(W: torch.Tensor, data: GroupData, s: SolverSettings) -> QuantizedWeight:
