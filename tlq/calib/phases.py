@@ -98,5 +98,6 @@ def rtn_packed(source: SourceModel, names: list[str], scheme, read=None) -> dict
     pack, packed = packer(source.dtype), {}
     for n in names:
         w = weights.pop(f"{n}.weight").float()
-        packed.update(pack({n: quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, source.dtype)}))
+        qw = quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, source.dtype, grid=scheme.grid)
+        packed.update(pack({n: qw}))
     return packed

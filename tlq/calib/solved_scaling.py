@@ -63,7 +63,7 @@ def proxy_scale(Ws: list[torch.Tensor], stats: InputStatistics, cfg: CalibConfig
     for step, s in enumerate(scale_candidates(stat, cfg.n_grid, w_mean)):
         loss = 0.0
         for W in Ws:
-            Q = fake_quantize(W * s, scheme.bits, scheme.group_size, scheme.symmetric, dtype)
+            Q = fake_quantize(W * s, scheme.bits, scheme.group_size, scheme.symmetric, dtype, grid=scheme.grid)
             loss += float(((W - Q / s).square() * energy).sum())
         if loss < best:
             best, best_s = loss, (None if step == 0 and w_mean is None else s)
