@@ -99,7 +99,7 @@ def job_for(model_dir: Path, setting: Setting, peer: str, samples: Path, out: Pa
 
 def quantize_with_peer(python: Path, job: dict, work: Path, timeout: float = TIMEOUT_S) -> dict:
     """Run lc_run.py on `job` (one thread); its RESULT line, or an error with the output's tail."""
-    job_file = work / (Path(job["out"]).name + ".job.json")
+    job_file = (work / (Path(job["out"]).name + ".job.json")).resolve()  # lc_run.py runs with cwd=work
     write_file_atomic(job_file, json.dumps(job, indent=1))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
