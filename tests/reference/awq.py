@@ -6,7 +6,11 @@
                                                           duo_scaling)
 
 `quantize` stands in for their pseudo_quantize_tensor (the tests pass tlq's RTN so that only the
-search differs).
+search differs); `pseudo_quantize_tensor` below is that quantizer itself, whose arithmetic is the same in
+
+  mit-han-lab/llm-awq         awq/quantize/quantizer.py  (pseudo_quantize_tensor)
+  casper-hansen/AutoAWQ       awq/quantize/quantizer.py  (AwqQuantizer.pseudo_quantize_tensor)
+  thu-nics/MBQ                qmllm/quantization/quant_funcs.py (pseudo_quantize_tensor)
 """
 import torch
 from torch import nn
@@ -72,3 +76,20 @@ def auto_clip_layer(w: torch.Tensor, input_feat: torch.Tensor, quantize, group_s
         min_errs[better] = err[better]
         best_max_val[better] = max_val[better]
     return best_max_val.squeeze(1).squeeze(-1)
+
+
+def pseudo_quantize_tensor(w: torch.Tensor, n_bit: int, zero_point: bool, group_size: int = -1) -> torch.Tensor:
+    """Dequantized round-to-nearest of w [N, K] per row or per group: min-max with a zero point, or
+    symmetric with scale absmax / (2**(n_bit-1) - 1) and codes clamped to [-2**(n_bit-1), 2**(n_bit-1) - 1]."""
+    shape = w.shape
+    w = w.float().reshape(-1, group_size) if group_size > 0 else w.float()
+    if zero_point:
+        hi, lo = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
+        max_int, min_int = 2**n_bit - 1, 0
+        scales = (hi - lo).clamp(min=1e-5) / max_int
+        zeros = (-torch.round(lo / scales)).clamp_(min_int, max_int)
+    else:
+        max_int, min_int = 2 ** (n_bit - 1) - 1, -(2 ** (n_bit - 1))
+        scales = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / max_int
+        zeros = 0
+    return ((torch.clamp(torch.round(w / scales) + zeros, min_int, max_int) - zeros) * scales).reshape(shape)

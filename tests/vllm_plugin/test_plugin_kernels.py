@@ -124,6 +124,20 @@ def test_w4a8_int8_kernel_matches_the_int8_simulation():
     assert torch.equal(backend.apply(layer, x, None), simulated)
 
 
+@pytest.mark.parametrize("group,act_bits", [(-1, 8), (128, 16), (-1, 16)], ids=["w4a8", "w4a16-g128", "w4a16-pc"])
+def test_symmetric_codes_serve_over_the_full_range(group, act_bits):
+    """Symmetric int4 codes 0..15 (signed -8..7): GPTQ and RTN on the full grid (SymmetricGrid.FULL) use -8."""
+    qw = rtn(4, group, True)
+    codes = torch.randint(0, 16, qw.codes.shape, generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    codes[:, :2] = torch.tensor([0, 15], dtype=torch.int32)
+    qw = QuantizedWeight(codes, qw.scales, None, 4, group)
+    layer, backend, served = serve(qw, spec_of(4, group, True, act_bits=act_bits))
+    x = x_in(qw.shape[1], tokens=7)
+    ref = F.linear(quantize_activations_int8(x) if act_bits == 8 else x, qw.dequantize(DTYPE))
+    ok, msg = close(backend.apply(layer, x, None), ref, rtol=2e-2)
+    assert ok, msg
+
+
 def act_order(bits, group, sym, n, k, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
