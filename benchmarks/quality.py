@@ -148,8 +148,10 @@ def run_model(arch: str, args) -> dict:
                for m in grid.extra_rows() for seed in args.seeds}
     wanted |= {(arch, grid.SETTINGS[s].label, m, seed) for s in args.settings
                for m in peers_of(grid.SETTINGS[s], args) for seed in args.seeds}
-    records = [r for r in log.records if (r["model"], r["setting"], r["method"], r["seed"]) in wanted
-               and r["options"] == options_key(opts)]
+    # the last record of each cell (a cell re-run after a numerics change appends a new one)
+    latest = {(r["model"], r["setting"], r["method"], r["seed"]): r for r in log.records
+              if r["options"] == options_key(opts)}
+    records = [r for cell, r in latest.items() if cell in wanted]
     return {"arch": arch, "fp": fp, "sens": sens, "records": records, "pool": data / "calib.jsonl",
             "sizes": {"test_size": n, "test_image": sum(it.needs_image for it in evalset.items),
                       "test_text": sum(not it.needs_image for it in evalset.items)}}

@@ -46,7 +46,10 @@ class RunLog:
 
     @staticmethod
     def key(record: dict) -> tuple:
-        return (record["model"], record["setting"], record["method"], record["seed"], record["options"])
+        """A record's identity; "grid" (symmetric settings only) is absent from records written before
+        each method had its own symmetric grid, so those are never reused."""
+        return (record["model"], record["setting"], record["method"], record["seed"], record["options"],
+                record.get("grid"))
 
     def done(self, key: tuple) -> dict | None:
         return next((r for r in self.records if self.key(r) == key), None)
@@ -74,12 +77,14 @@ def run_cell(model_name: str, model_dir: Path, setting: Setting, method: str, se
     from tlq import calibrate
     from tlq.calib.config import CalibConfig, ImportanceConfig
 
+    spec, overrides = method_config(method)
     base = {"model": model_name, "setting": setting.label, "method": method, "seed": seed,
             "options": options_key(opts)}
+    if setting.scheme.symmetric:  # how the scales were chosen (tlq.quant.qparams.SymmetricGrid)
+        base["grid"] = spec.grid.value
     earlier = log.done(RunLog.key(base))
     if earlier is not None:
         return earlier
-    spec, overrides = method_config(method)
     overrides = dict(overrides)
     importance = ImportanceConfig(mode=spec.importance, **overrides.pop("importance", {}))
     ckpt = work / f"ckpt-{model_name}-{setting.scheme.name}-g{setting.scheme.group_size}-{method}-s{seed}"

@@ -93,6 +93,12 @@ def test_run_cell_w4a8_adds_activation_quantization_and_resumes(qwen2_vl_dir, sp
     again = RunLog(tmp_path / "results.jsonl")
     assert run_cell("tiny", qwen2_vl_dir, grid.SETTINGS["w4a8"], "rtn", 0, opts, split["calib"], tmp_path,
                     evalset, reference, again) == rec and len(again.records) == 1
+    assert rec["grid"] == "full"  # rtn rounds on IST-DASLab's symmetric grid
+    stale = RunLog(tmp_path / "stale.jsonl")  # a record written before methods had their own grid
+    stale.add({k: v for k, v in rec.items() if k != "grid"})
+    run_cell("tiny", qwen2_vl_dir, grid.SETTINGS["w4a8"], "rtn", 0, opts, split["calib"], tmp_path, evalset,
+             reference, stale)
+    assert len(stale.records) == 2 and stale.records[-1]["grid"] == "full"
     from tlq import calibrate
     from tlq.calib.config import CalibConfig
     ckpt = calibrate(CalibConfig(model=qwen2_vl_dir, out=tmp_path / "ck", method=grid.method_spec("rtn"),
