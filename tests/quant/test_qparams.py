@@ -93,7 +93,7 @@ def test_asymmetric_schemes_ignore_the_grid():
         expected = ref_awq.pseudo_quantize_tensor(W, bits, zero_point=True, group_size=group_size)
         torch.testing.assert_close(quantize_rtn(W, bits, group_size, False, torch.float32).dequantize(), expected,
                                    rtol=0, atol=1e-6)
-    s, z = find_params(W, 3, False, BF16, grid=SymmetricGrid.RESTRICTED)
+    _, z = find_params(W, 3, False, BF16, grid=SymmetricGrid.RESTRICTED)
     assert z is not None
 
 

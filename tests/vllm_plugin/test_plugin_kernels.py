@@ -131,7 +131,7 @@ def test_symmetric_codes_serve_over_the_full_range(group, act_bits):
     codes = torch.randint(0, 16, qw.codes.shape, generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     codes[:, :2] = torch.tensor([0, 15], dtype=torch.int32)
     qw = QuantizedWeight(codes, qw.scales, None, 4, group)
-    layer, backend, served = serve(qw, spec_of(4, group, True, act_bits=act_bits))
+    layer, backend, _ = serve(qw, spec_of(4, group, True, act_bits=act_bits))
     x = x_in(qw.shape[1], tokens=7)
     ref = F.linear(quantize_activations_int8(x) if act_bits == 8 else x, qw.dequantize(DTYPE))
     ok, msg = close(backend.apply(layer, x, None), ref, rtol=2e-2)
