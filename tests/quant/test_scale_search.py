@@ -82,6 +82,36 @@ def test_mbq_scale_matches_the_reference_weighted_mae(scheme):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("method", ["awq", "mbq"])
+def test_awq_and_mbq_search_on_llm_awqs_quantizer(method):
+    """The registry's grid for AWQ/MBQ rounds as llm-awq's / AutoAWQ's / MBQ's pseudo_quantize_tensor
+    (absmax / 7), so the whole block search agrees with the port run on that quantizer: AWQ weight-only
+    4-bit per channel, MBQ at W4A8 (on this layer both pick other scales on the full grid)."""
+    from dataclasses import replace
+
+    from tlq.calib.config import METHODS
+    act8 = method == "mbq"
+    scheme = replace(W4A8, grid=METHODS[method].grid, **({} if act8 else {"act_bits": 16}))
+    layer, hidden, kwargs = decoder_layer(seed=3)
+    T, r = hidden.shape[1], 0.3
+    ans, vis = _masks(T)
+    X = collect_inputs(layer, QKV[0], [hidden], [kwargs], "cpu")
+    probe = BlockProbe(layer, "self_attn", QKV, [hidden], [kwargs], "cpu")
+    w = ans[0].float() + r * vis[0].float() if act8 else None
+    got = search_input_scales([layer.get_submodule(n).weight for n in QKV], X, scheme, torch.float32, w=w,
+                              act_quant=act8, block=probe, spec=ScaleSearchSpec(loss="mae" if act8 else "mse"))
+    linears = [layer.get_submodule(n) for n in QKV]
+    quantize = lambda W: ref_awq.pseudo_quantize_tensor(W, 4, zero_point=False,
+                                                        group_size=scheme.group_size)
+    if act8:
+        expected = ref_mbq.search_module_scale(layer.self_attn, linears, X.reshape(1, T, 64), quantize, ans, vis, r,
+                                               kwargs=kwargs, act_quantize=quantize_activations_int8)
+    else:
+        expected = ref_awq.search_module_scale(layer.self_attn, linears, X.reshape(1, T, 64), quantize,
+                                               kwargs=kwargs, group_size=scheme.group_size)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
 def test_block_probe_runs_the_block_and_zero_weight_tokens_are_not_scored():
     layer, hidden, kwargs = decoder_layer(seed=4)
     T = hidden.shape[1]
