@@ -14,7 +14,9 @@ Steps, as in the reference:
      matrix update of the remaining columns per block;
   6. group parameters are chosen at each group start (every group_size columns, in the
      processing order) from the group's current, already error-updated weights;
-     per-channel (group_size -1) chooses them once over the whole row.
+     per-channel (group_size -1) chooses them once over the whole row. (The reference reads a
+     group that starts inside a block from W, which lacks that block's updates so far; the two
+     agree when group_size is -1 or a multiple of block_size, tests/quant/test_gptq.py.)
 Group parameters come from the scheme's grid (tlq.quant.qparams). The gptq and tlq methods use
 SymmetricGrid.FULL, the reference's symmetric quantizer (quant.py, Quantizer.find_params with
 sym=True: scale = 2 absmax / (2**b - 1), zero = 2**(b-1)); one difference is kept on purpose: for a
