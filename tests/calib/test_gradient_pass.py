@@ -84,3 +84,25 @@ def test_spills_only_above_the_host_budget(qwen2_vl_dir, tmp_path, monkeypatch):
     token_gradients(model, adapter, captured, progress=False, spill_dir=tmp_path, host_memory=share)
     token_gradients(model, adapter, captured, progress=False, spill_dir=tmp_path, host_memory=share * 0.999)
     assert seen == [None, tmp_path]
+
+
+def test_sft_loss_at_answer_positions_equals_full_logits(tiny_model_dir):
+    """Logits only where a label is give the loss and dL/dh of the full [T, vocab] logits."""
+    import torch.nn.functional as F
+    model, adapter, captured = capture_tiny(tiny_model_dir, n=2)
+    norm, head = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head)
+    for sample in captured:
+        answer = int((sample.labels != -100).sum())
+        assert 0 < answer < sample.labels.shape[1]  # a minority of the positions carries the loss
+        h = torch.randn(1, sample.labels.shape[1], norm.weight.shape[0], dtype=torch.float64)
+        ours = h.clone().requires_grad_(True)
+        full = h.clone().requires_grad_(True)
+        with on_device(norm, "cpu", torch.float64), on_device(head, "cpu", torch.float64):
+            loss = sft_loss(model, adapter, ours, sample.labels)
+            loss.backward()
+            logits = head(norm(full)).float().double()
+            ref = F.cross_entropy(logits[0, :-1], sample.labels[0, 1:], ignore_index=-100)
+            ref.backward()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours.grad, full.grad, rtol=1e-5, atol=1e-9)
+        assert full.grad[0, :-1][sample.labels[0, 1:] == -100].abs().max() == 0

@@ -29,3 +29,14 @@ def test_resident_memory_by_kind(tmp_path):
     assert int(mapped.sum()) == 16 * 2**20  # touches every page
     after = rss.rss_parts_mb()
     assert after["file"] - before["file"] > 12 and after["anon"] - before["anon"] < 8
+
+
+def test_onednn_cache_is_bounded_unless_the_user_chose(monkeypatch):
+    from tlq.calib import rss
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    rss.bound_onednn_cache()
+    import os
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(rss.ONEDNN_CACHE_ENTRIES)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+    rss.bound_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"

@@ -79,3 +79,26 @@ def test_another_runs_spilled_streams_are_cleared(tmp_path):
     StreamFolder(old.path / "streams").new("L0000-q").append(torch.ones(1, 2, 3))
     assert WorkFolder(tmp_path / "w", {"run": 2}).open(True) == 0
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["run.json"]
+
+
+def test_spilled_run_keeps_no_entry_stream_in_ram(qwen2_vl_dir, tmp_path, monkeypatch):
+    """Above the streams' share the captured hidden states go to files before the gradient pass:
+    the pass and the loop read them from there, and no sample still holds its own copy."""
+    from tlq.calib import phases
+    from tlq.calib.streams import SampleStore
+    seen = {}
+    real = phases.token_gradients
+
+    def spy(model, adapter, samples, *args, entry=None, **kwargs):
+        seen.update(store=isinstance(entry, SampleStore) and entry.spilled,
+                    held=[s.hidden is not None for s in samples])
+        return real(model, adapter, samples, *args, entry=entry, **kwargs)
+
+    monkeypatch.setattr(phases, "token_gradients", spy)
+    ram = tlq.calibrate(qwen2_vl_dir, out=tmp_path / "ram", method="tlq", scheme="w4a16", max_samples=3,
+                        progress=False)
+    assert seen == {"store": False, "held": [False] * 3}  # in RAM: the loop's list, not the samples'
+    disk = tlq.calibrate(qwen2_vl_dir, out=tmp_path / "disk", method="tlq", scheme="w4a16", max_samples=3,
+                         progress=False, host_memory=0)
+    assert seen == {"store": True, "held": [False] * 3}
+    assert tensor_hashes(disk) == tensor_hashes(ram)

@@ -48,7 +48,7 @@ class CapturedSample:
 
     @property
     def num_tokens(self) -> int:
-        return self.hidden.shape[1]
+        return self.labels.shape[-1]  # also once the loop owns `hidden` (then None)
 
 
 class _StopForward(Exception):

@@ -19,6 +19,7 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,20 @@ def spill_entry_streams(h_q, h_fp, streams: StreamFolder) -> tuple:
 def loop_streams(work: WorkFolder, spill: bool) -> StreamFolder:
     """Where a run's streams live: files under the work folder when spilling, else RAM."""
     return StreamFolder(work.path / "streams" if spill else None)
+
+
+def take_entry_stream(samples: list[CapturedSample], work: WorkFolder, host_memory: float, dtype: torch.dtype
+                      ) -> tuple[StreamFolder, Sequence[torch.Tensor]]:
+    """Where the loop's streams will live, and the captured hidden states taken from the samples
+    (`hidden` None) into it: in files when the loop's four streams would exceed their share of
+    --host-memory, so that the gradient pass and the loop read them from there and the entry
+    stream does not stay in RAM beside them."""
+    tokens = sum(s.num_tokens for s in samples)
+    streams = loop_streams(work, should_spill(stream_bytes(tokens, samples[0].hidden.shape[-1], dtype), host_memory))
+    entry = streams.take([s.hidden for s in samples], "entry-q")
+    for s in samples:
+        s.hidden = None
+    return streams, entry
 
 
 def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], weights: list[dict],

@@ -59,16 +59,19 @@ def check_unused_calibration(cfg: CalibConfig) -> None:
         log.warning("method %s uses no calibration data: %s is checked but not used", cfg.method.name, cfg.calib)
 
 
-def token_weights(model, source: SourceModel, captured, cfg: CalibConfig, work: WorkFolder, progress: bool):
+def token_weights(model, source: SourceModel, captured, cfg: CalibConfig, work: WorkFolder, progress: bool,
+                  entry=None):
     """Per-sample token weights for every (layer, block) in one process; the gradient pass is
-    saved in the work folder, so a resumed run does not repeat it."""
+    saved in the work folder, so a resumed run does not repeat it. `entry`: the entry hidden
+    states where the caller keeps them (default the samples' `hidden`)."""
     num_layers = len(source.adapter.layers(model))
     if not cfg.method.needs_gradients:
         return uniform_weights(captured, num_layers)
     raw = work.load_object("importance.pt")
     if raw is None:
         raw = token_gradients(model, source.adapter, captured, cfg.device, progress=progress,
-                              spill_dir=work.path / "streams" / "gradient-pass", host_memory=cfg.host_memory)
+                              spill_dir=work.path / "streams" / "gradient-pass", host_memory=cfg.host_memory,
+                              entry=entry)
         work.save_object("importance.pt", raw)
     return integrate(raw, [s.modality for s in captured], cfg.importance)
 

@@ -81,12 +81,22 @@ def limit_heap_slack() -> None:
         pass
 
 
-# oneDNN (PyTorch's CPU kernels) caches a primitive per operation and shape, up to 1024 of them
-# (ONEDNN_PRIMITIVE_CACHE_CAPACITY). Samples have as many sequence lengths as samples, so the cache
-# fills as the calibration set grows, then stays at its capacity: about 11 MiB per 1k-token sample
-# on the 2b fixture (176 MiB at 16 samples). It is left on: with it off, every product rebuilds
-# its primitive and the CPU gradient pass ran 4.4x slower (medium fixture, 64 samples: 27.3 s vs
-# 6.2 s; statistics 14.0 vs 8.7 s). ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 trades that time for the memory.
+# oneDNN (PyTorch's CPU kernels for bf16/fp16) caches a primitive per operation and shape, 1024 of
+# them by default (ONEDNN_PRIMITIVE_CACHE_CAPACITY). Each calibration sample has its own sequence
+# length, so the cache grows with the number of samples until it is full: measured ~1.3 MiB per
+# primitive for a 2b-width bf16 linear on an AMX CPU, 1.37 GiB once 1024 are cached, about 11 MiB per
+# 1k-token sample. A calibration therefore bounds it to ONEDNN_CACHE_ENTRIES unless the user set the
+# variable: the cache then stops growing after a few samples, and rebuilding evicted primitives
+# costs little against the products themselves (2b fixture, 16 samples: gradient pass 25.5 s at
+# 1024 entries, 28.5 s at 64; medium fixture, 32 short samples: 6.8 s at 1024, 10.9 s at 256).
+# With the cache off (0) the medium fixture's gradient pass ran 4.4x slower.
+ONEDNN_CACHE_ENTRIES = 256
+
+
+def bound_onednn_cache() -> None:
+    """Set ONEDNN_PRIMITIVE_CACHE_CAPACITY (unless set): oneDNN reads it when it creates its first
+    primitive, so this acts only before the process's first bf16/fp16 product (a CLI run)."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_ENTRIES))
 
 
 _START: dict = {}
@@ -94,9 +104,11 @@ _START: dict = {}
 
 def start_of_calibration() -> None:
     """Called once per process before any model work: note the RSS of the bare runtime
-    (interpreter, torch, tlq; the baseline a GPU run would not have on the card) and limit heap slack."""
+    (interpreter, torch, tlq; the baseline a GPU run would not have on the card), limit heap slack
+    and bound oneDNN's primitive cache."""
     _START.setdefault("rss_mb", rss_mb())
     limit_heap_slack()
+    bound_onednn_cache()
     rss_mark("imports")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from tlq.calib.assemble import packer, write_quantized_model
 from tlq.calib.capture import capture_samples
 from tlq.calib.config import CalibConfig
-from tlq.calib.layer_loop import WorkFolder, run_layer_loop
+from tlq.calib.layer_loop import WorkFolder, run_layer_loop, take_entry_stream
 from tlq.calib.phases import calibration_record, load_samples, open_and_check, token_weights
 from tlq.calib.rss import rss_mark, trim_heap, write_memory_record
 from tlq.calib.timing import phase_times, reset_phase_times, timed
@@ -41,13 +41,15 @@ def calibrate_single(cfg: CalibConfig, progress: bool = True) -> Path:
     done = work.open(cfg.resume)
     if done:
         log.info("resuming from %s: %d layer(s) already calibrated", cfg.work_dir, done)
+    streams, entry = take_entry_stream(captured, work, cfg.host_memory, next(model.parameters()).dtype)
     with timed("gradients"):
-        weights = token_weights(model, source, captured, cfg, work, progress)
+        weights = token_weights(model, source, captured, cfg, work, progress, entry=entry)
     trim_heap()
     rss_mark("token weights")
     num_layers = len(source.adapter.layers(model))
     loop = run_layer_loop(model, source.adapter, captured, weights, cfg, work, done, progress=progress,
-                          keep=packer(source.dtype))
+                          keep=packer(source.dtype), start_streams=(entry, entry), streams=streams)
+    del entry
     calibration = calibration_record(cfg, samples, weights, [s.modality for s in captured])
     del model, captured, weights
     loop.final_streams = None
