@@ -17,11 +17,12 @@ so wall times include start-up.
 Printed: wall time of each run and their ratio; peak RSS of the single process (ru_maxrss of
 the child) and of each rank (ru_maxrss each rank reports at its end, TLQ_DIST_RECORD) and the
 largest rank's ratio to N = 1; whether the two checkpoints hold identical tensors. Targets
-(issue 4): per-rank peak RSS at N = 2 at most 0.6 of N = 1, wall time at most 1.15x N = 1 (2
-cores: this measures overheads, not speed-up). Secondary, not a target: "working memory", each
-process's peak RSS minus its RSS when calibration starts (interpreter, torch and tlq imported,
-nothing read yet: a baseline that on a GPU would not be on the card; transformers' model code,
-imported later, stays in the working memory). The machine's load average is printed before,
+(issue 14): per-rank "working memory" at N = 2 at most 0.6 of N = 1 (each process's peak RSS minus
+its RSS when calibration starts: interpreter, torch and tlq imported, nothing read yet, a baseline
+that on a GPU would not be on the card; transformers' model code, imported later, stays in the
+working memory), wall time at most 1.15x N = 1 (2 cores: this measures overheads, not speed-up).
+Printed but not a target: the raw peak-RSS ratio (issue 4's target, out of reach on CPU, where
+the runtime alone is ~0.9 GiB per process). The machine's load average is printed before,
 between and after: other work running at the same time makes the wall times meaningless.
 """
 from __future__ import annotations
@@ -121,16 +122,16 @@ def run(args, work: Path) -> int:
         row("dry-run host peak (MiB)", [f"{g * 1024:.0f}" for g in estimates])
         measured_mb = [one["peak_rss_mb"]] + [r["peak_rss_mb"] for r in ranks]
         row("  dry run / measured", [f"{g * 1024 / m:.2f}x" for g, m in zip(estimates, measured_mb)])
-    print("secondary, not the target:")
-    row("  RSS at start (MiB)", [f"{single['start_rss_mb']:.0f}"] + [f"{r['start_rss_mb']:.0f}" for r in ranks])
-    row("  working memory (MiB)", [f"{w:.0f}" for w in working])
+    row("RSS at start (MiB)", [f"{single['start_rss_mb']:.0f}"] + [f"{r['start_rss_mb']:.0f}" for r in ranks])
+    row("working memory (MiB)", [f"{w:.0f}" for w in working])
     print()
-    print(f"wall time N=2 / N=1:              {wall_ratio:.3f}  (target <= {TARGET_WALL}: "
+    print(f"wall time N=2 / N=1:                      {wall_ratio:.3f}  (target <= {TARGET_WALL}: "
           f"{'met' if wall_ratio <= TARGET_WALL else 'MISSED'})")
-    print(f"largest rank peak RSS N=2 / N=1:  {mem_ratio:.3f}  (target <= {TARGET_MEMORY}: "
-          f"{'met' if mem_ratio <= TARGET_MEMORY else 'MISSED'})")
-    print(f"identical tensors:                {identical}")
-    print(f"secondary: largest rank working memory N=2 / N=1: {working_ratio:.3f} (peak RSS minus RSS at start)")
+    print(f"largest rank working memory N=2 / N=1:    {working_ratio:.3f}  (target <= {TARGET_MEMORY}: "
+          f"{'met' if working_ratio <= TARGET_MEMORY else 'MISSED'}; peak RSS minus the RSS at start)")
+    print(f"identical tensors:                        {identical}")
+    print(f"not a target: largest rank peak RSS N=2 / N=1: {mem_ratio:.3f} (includes the ~{single['start_rss_mb']:.0f} "
+          "MiB runtime every process carries, which a GPU run does not have on the card)")
     if args.json:
         args.json.write_text(json.dumps({"model": str(model), "samples": samples, "n1": one, "n2": two,
                                          "n1_record": single, "ranks": [{k: r[k] for k in (

@@ -1,14 +1,14 @@
 """Calibration at real width with a growing calibration set: flat memory, linear time, exact spilling.
 
     python -m benchmarks.scale [--tokens 8192,32768,131072] [--tokens-per-sample 1024] [--method tlq]
-                               [--work DIR] [--host-memory 0.1]
+                               [--work DIR] [--host-memory 0.1] [--ram-check TOKENS]
 
 Builds the `2b` fixture (Qwen2-VL-2B's text widths: hidden 1536, MLP 8960, 12 heads of 128; 2
 layers), writes calibration sets of N samples of about T tokens each (a generated picture plus a
 long question and answer), and calibrates each size in a fresh process (OMP_NUM_THREADS=1) with the
 hidden-state streams spilled to the work folder (`--host-memory`), so that nothing the host holds
-should grow with tokens. The largest size runs again with its streams in RAM: the two checkpoints
-must be identical. Per size it prints wall time, wall per 1k tokens, peak RSS (the child's
+should grow with tokens. One size (`--ram-check`, default the second) runs again with its streams
+in RAM: the two checkpoints must be identical. Per size it prints wall time, wall per 1k tokens, peak RSS (the child's
 ru_maxrss) with its ratio to the smallest size, and the `--dry-run` host estimate against the
 measured peak.
 
@@ -102,7 +102,9 @@ def main() -> None:
                     help="GiB; the streams spill above half of it (at every size here)")
     ap.add_argument("--search-tokens", type=int, default=4096,
                     help="the searches' token budget (sizes below it also grow the searches' memory)")
-    ap.add_argument("--no-ram-check", action="store_true", help="skip the largest size's rerun in RAM")
+    ap.add_argument("--ram-check", type=int, default=None,
+                    help="tokens of the size rerun with its streams in RAM (default: the second size, or the only "
+                         "one; 0: none); its checkpoint must equal the spilled run's")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tlq-scale")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -110,6 +112,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = ensure_fixture("qwen2-vl", args.work / "fixtures", seed=0, size="2b")
     sizes = [int(t) for t in args.tokens.split(",")]
+    if args.ram_check and args.ram_check not in sizes:
+        ap.error(f"--ram-check {args.ram_check} is not one of --tokens {args.tokens}")
     rows = []
     print(f"2b fixture (hidden 1536, MLP 8960, 2 layers), method {args.method} w4a16, one thread, "
           f"streams spilled above {args.host_memory} GiB", flush=True)
@@ -135,10 +139,12 @@ def main() -> None:
         print(f"{r['tokens']:>8} {r['wall']:>8.1f} {per_k:>10.2f} {per_k / (base['wall'] / base['tokens'] * 1000):>8.2f}x "
               f"{r['rss_gib']:>13.2f} {r['rss_gib'] / base['rss_gib']:>11.2f}x {dry_text:>12} {ratio_text:>14}")
     last, same = rows[-1], None
-    if not args.no_ram_check:
-        ram = calibrate(model, last["calib"], args.work / "ckpt-ram", args.method, 1024.0, args.search_tokens)
-        same = tensor_hashes(last["out"]) == tensor_hashes(args.work / "ckpt-ram")
-        print(f"\nlargest size with streams in RAM: {ram['wall']:.1f} s, peak RSS {ram['rss_gib']:.2f} GiB; "
+    check = args.ram_check if args.ram_check is not None else sizes[min(1, len(sizes) - 1)]
+    if check:
+        spilled = rows[sizes.index(check)]
+        ram = calibrate(model, spilled["calib"], args.work / "ckpt-ram", args.method, 1024.0, args.search_tokens)
+        same = tensor_hashes(spilled["out"]) == tensor_hashes(args.work / "ckpt-ram")
+        print(f"\n{spilled['tokens']} tokens with streams in RAM: {ram['wall']:.1f} s, peak RSS {ram['rss_gib']:.2f} GiB; "
               f"checkpoint {'identical' if same else 'DIFFERENT'} to the spilled run")
     print(f"targets: RSS largest/smallest {last['rss_gib'] / base['rss_gib']:.2f}x (<= 1.15x); wall per token "
           f"largest/smallest {(last['wall'] / last['tokens']) / (base['wall'] / base['tokens']):.2f}x (about 1); "

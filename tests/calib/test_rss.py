@@ -31,12 +31,13 @@ def test_resident_memory_by_kind(tmp_path):
     assert after["file"] - before["file"] > 12 and after["anon"] - before["anon"] < 8
 
 
-def test_onednn_cache_is_bounded_unless_the_user_chose(monkeypatch):
-    from tlq.calib import rss
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    rss.bound_onednn_cache()
+def test_cpu_kernel_caches_are_bounded_unless_the_user_chose(monkeypatch):
     import os
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(rss.ONEDNN_CACHE_ENTRIES)
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
-    rss.bound_onednn_cache()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"
+
+    from tlq.calib import rss
+    for name in rss.CPU_KERNEL_CACHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "0")
+    rss.bound_cpu_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(rss.CPU_KERNEL_CACHES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
+    assert os.environ["LRU_CACHE_CAPACITY"] == "0"

@@ -81,22 +81,23 @@ def limit_heap_slack() -> None:
         pass
 
 
-# oneDNN (PyTorch's CPU kernels for bf16/fp16) caches a primitive per operation and shape, 1024 of
-# them by default (ONEDNN_PRIMITIVE_CACHE_CAPACITY). Each calibration sample has its own sequence
-# length, so the cache grows with the number of samples until it is full: measured ~1.3 MiB per
-# primitive for a 2b-width bf16 linear on an AMX CPU, 1.37 GiB once 1024 are cached, about 11 MiB per
-# 1k-token sample. A calibration therefore bounds it to ONEDNN_CACHE_ENTRIES unless the user set the
-# variable: the cache then stops growing after a few samples, and rebuilding evicted primitives
-# costs little against the products themselves (2b fixture, 16 samples: gradient pass 25.5 s at
-# 1024 entries, 28.5 s at 64; medium fixture, 32 short samples: 6.8 s at 1024, 10.9 s at 256).
-# With the cache off (0) the medium fixture's gradient pass ran 4.4x slower.
-ONEDNN_CACHE_ENTRIES = 256
+# PyTorch's CPU kernels for bf16/fp16 keep two caches keyed by operation and shape: oneDNN's
+# primitive cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024 by default) and ideep's (LRU_CACHE_CAPACITY,
+# 1024). Each calibration sample has its own sequence length, so both grow with the number of
+# samples until full: ~1.3 MiB per primitive for a 2b-width bf16 linear on an AMX CPU (1.37 GiB at
+# 1024), about 11 MiB per 1k-token sample; ideep's another ~6 MiB per sample. A calibration bounds
+# them (CPU_KERNEL_CACHES) unless the user set the variables, so they stop growing after a few
+# samples. Cost, medium fixture, 32 short samples, CPU seconds: gradient pass 7.4 at the defaults,
+# 12.9 bounded (a few % of a TLQ run); peak RSS 1268 -> 1137 MiB. Off (0) it ran 4.4x slower.
+CPU_KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256, "LRU_CACHE_CAPACITY": 64}
 
 
-def bound_onednn_cache() -> None:
-    """Set ONEDNN_PRIMITIVE_CACHE_CAPACITY (unless set): oneDNN reads it when it creates its first
-    primitive, so this acts only before the process's first bf16/fp16 product (a CLI run)."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_ENTRIES))
+def bound_cpu_kernel_caches() -> None:
+    """Set the CPU_KERNEL_CACHES variables (each unless set): the libraries read them when they
+    create their first primitive, so this acts only before the process's first bf16/fp16 product
+    (a CLI run; not a process that already ran one)."""
+    for name, entries in CPU_KERNEL_CACHES.items():
+        os.environ.setdefault(name, str(entries))
 
 
 _START: dict = {}
@@ -105,10 +106,10 @@ _START: dict = {}
 def start_of_calibration() -> None:
     """Called once per process before any model work: note the RSS of the bare runtime
     (interpreter, torch, tlq; the baseline a GPU run would not have on the card), limit heap slack
-    and bound oneDNN's primitive cache."""
+    and bound the CPU kernels' shape caches."""
     _START.setdefault("rss_mb", rss_mb())
     limit_heap_slack()
-    bound_onednn_cache()
+    bound_cpu_kernel_caches()
     rss_mark("imports")
 
 
