@@ -64,6 +64,7 @@ VARIANTS: dict[str, tuple[MethodSpec, dict]] = {
     "tlq-smooth": (replace(METHODS["tlq"], name="tlq-smooth", input_scaling="smoothquant",
                            summary="TLQ with SmoothQuant input scaling"), {}),
     "tlq-damp-0.01": (METHODS["tlq"], {"damp": 0.01}),
+    "tlq-damp-0.03": (METHODS["tlq"], {"damp": 0.03}),
     "tlq-damp-0.3": (METHODS["tlq"], {"damp": 0.3}),
     "tlq-exposure-1.0": (METHODS["tlq"], {"exposure_strength": 1.0}),
     "tlq-exposure-0.25": (METHODS["tlq"], {"exposure_strength": 0.25}),
