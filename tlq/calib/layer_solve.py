@@ -17,6 +17,7 @@ from tlq.calib.config import CalibConfig
 from tlq.calib.group_inputs import search_samples, stream_group
 from tlq.calib.importance import group_weights
 from tlq.calib.input_scaling import scale_layer_inputs, scales_in_loop
+from tlq.calib.rss import trim_heap
 from tlq.calib.solved_scaling import GroupSolution, fold_into_previous, solve_group
 from tlq.calib.timing import timed
 from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8
@@ -115,6 +116,7 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
             if idx is not None:
                 keep = torch.zeros(sum(lengths), dtype=torch.bool)
                 keep[idx] = True
+        trim_heap()  # the freed heap of the last pass over the samples, not resident under this group's peak
         with timed("statistics"):
             data = stream_group(fp_scaled if method.exposure == "fp" else layer,
                                 fp_scaled if method.exposure == "corrected" else None, group.names[0],
