@@ -80,7 +80,7 @@ def token_gradients(model, adapter: ModelAdapter, samples: list[CapturedSample],
     under `spill_dir` (a folder of its own, deleted at the end) when `pass_bytes` exceeds the
     streams' share of `host_memory` GiB (tlq/calib/streams.should_spill)."""
     for sample in samples:
-        if (sample.labels != -100).sum() == 0:
+        if (sample.labels != IGNORE_INDEX).sum() == 0:
             raise ValueError(f"sample {sample.sample_id} has no answer tokens")
     layers = adapter.layers(model)
     dtype = gradient_dtype(model)

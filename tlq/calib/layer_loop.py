@@ -139,15 +139,22 @@ def loop_streams(work: WorkFolder, spill: bool) -> StreamFolder:
     return StreamFolder(work.path / "streams" if spill else None)
 
 
+def single_process_streams(work: WorkFolder, entry: Sequence[torch.Tensor], dtype: torch.dtype,
+                           host_memory: float) -> StreamFolder:
+    """Where one process's streams live: in files when the loop's four streams of `entry`'s size
+    would exceed their share of --host-memory, else in RAM."""
+    tokens = sum(h.shape[-2] for h in entry)
+    return loop_streams(work, should_spill(stream_bytes(tokens, entry[0].shape[-1], dtype), host_memory))
+
+
 def take_entry_stream(samples: list[CapturedSample], work: WorkFolder, host_memory: float, dtype: torch.dtype
                       ) -> tuple[StreamFolder, Sequence[torch.Tensor]]:
     """Where the loop's streams will live, and the captured hidden states taken from the samples
-    (`hidden` None) into it: in files when the loop's four streams would exceed their share of
-    --host-memory, so that the gradient pass and the loop read them from there and the entry
-    stream does not stay in RAM beside them."""
-    tokens = sum(s.num_tokens for s in samples)
-    streams = loop_streams(work, should_spill(stream_bytes(tokens, samples[0].hidden.shape[-1], dtype), host_memory))
-    entry = streams.take([s.hidden for s in samples], "entry-q")
+    (`hidden` None) into it, so that the gradient pass and the loop read them from there and the
+    entry stream does not stay in RAM beside them."""
+    hidden = [s.hidden for s in samples]
+    streams = single_process_streams(work, hidden, dtype, host_memory)
+    entry = streams.take(hidden, "entry-q")
     for s in samples:
         s.hidden = None
     return streams, entry
@@ -189,8 +196,7 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
         done = layer_range.start
         h_q, h_fp = entry
     if streams is None:
-        tokens = sum(h.shape[-2] for h in h_q)
-        streams = loop_streams(work, should_spill(stream_bytes(tokens, h_q[0].shape[-1], dtype), cfg.host_memory))
+        streams = single_process_streams(work, h_q, dtype, cfg.host_memory)
     h_q, h_fp = spill_entry_streams(h_q, h_fp, streams)  # no-ops in RAM or when spilled already
     _release(entry, unless=(h_q, h_fp))
     bar = tqdm(range(done, layer_range.stop), desc="layers", disable=not progress, unit="layer",

@@ -41,14 +41,17 @@ def calibrate_single(cfg: CalibConfig, progress: bool = True) -> Path:
     done = work.open(cfg.resume)
     if done:
         log.info("resuming from %s: %d layer(s) already calibrated", cfg.work_dir, done)
-    streams, entry = take_entry_stream(captured, work, cfg.host_memory, next(model.parameters()).dtype)
+    # a resumed loop starts from its saved streams: the entry stream is then not written again
+    streams, entry = (None, None) if done else take_entry_stream(captured, work, cfg.host_memory,
+                                                                 next(model.parameters()).dtype)
     with timed("gradients"):
         weights = token_weights(model, source, captured, cfg, work, progress, entry=entry)
     trim_heap()
     rss_mark("token weights")
     num_layers = len(source.adapter.layers(model))
     loop = run_layer_loop(model, source.adapter, captured, weights, cfg, work, done, progress=progress,
-                          keep=packer(source.dtype), start_streams=(entry, entry), streams=streams)
+                          keep=packer(source.dtype), start_streams=None if entry is None else (entry, entry),
+                          streams=streams)
     del entry
     calibration = calibration_record(cfg, samples, weights, [s.modality for s in captured])
     del model, captured, weights
