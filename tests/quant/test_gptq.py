@@ -46,12 +46,12 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits,group_size", [(4, -1), (4, 128), (3, 128), (2, 128)])
+@pytest.mark.parametrize("bits,group_size", [(4, -1), (4, 128), (3, 128), (2, 128), (4, 64), (3, 64), (2, 32)])
 def test_gptq_is_bit_identical_to_ist_daslab(bits, group_size, symmetric):
     """IST-DASLab/gptq gptq.py (fasterquant) with quant.py's Quantizer (tests/reference/gptq.py), float32.
 
-    Groups that start inside a block (group_size < block_size) are not compared: the reference takes
-    their parameters from weights that lack the current block's updates, tlq from the updated ones."""
+    Groups of 64 and 32 start inside the 128-column blocks, where the reference takes their
+    parameters from weights that lack the current block's updates so far: so does tlq."""
     X = correlated_inputs(512, 256, seed=20 + bits)
     W = torch.randn(32, 256, generator=torch.Generator().manual_seed(21))
     H = hessian(X)
@@ -69,17 +69,18 @@ def test_identity_hessian_reduces_to_rtn():
     assert torch.equal(qg.zeros, qr.zeros)
 
 
-def test_block_size_and_ragged_k_do_not_change_the_result():
-    # K=200 is not a multiple of the block; groups of 48 straddle blocks of 64
+def test_lazy_block_updates_are_exact_on_a_ragged_k():
+    # K=200 is not a multiple of the group (48) or of any block; block sizes that divide the group
+    # start every group at a block start, so they differ only in when the lazy updates are applied
     X = correlated_inputs(400, 200, seed=3)
     W = torch.randn(16, 200, generator=torch.Generator().manual_seed(3))
     s = scheme(4, 48)
-    one_block = gptq_quantize(W, hessian(X), s, BF16, block_size=1000)
-    lazy = gptq_quantize(W, hessian(X), s, BF16, block_size=64)
-    assert one_block.scales.shape == (16, 5)
-    same = (one_block.codes == lazy.codes).float().mean()
-    assert same > 0.99
-    torch.testing.assert_close(lazy.scales, one_block.scales, rtol=2e-2, atol=0)
+    per_group = gptq_quantize(W, hessian(X), s, BF16, block_size=48)
+    for block_size in (24, 16):
+        lazy = gptq_quantize(W, hessian(X), s, BF16, block_size=block_size)
+        assert per_group.scales.shape == lazy.scales.shape == (16, 5)
+        assert (per_group.codes == lazy.codes).float().mean() > 0.99
+        torch.testing.assert_close(lazy.scales, per_group.scales, rtol=2e-2, atol=0)
 
 
 def test_dead_inputs_zero_the_weight_column():
