@@ -167,6 +167,10 @@ class CalibConfig:
             of one batch: batch_tokens x K fp32; the statistics do not grow with calibration tokens).
         search_tokens: tokens the scale and clipping searches see (whole samples, an importance-weighted
             seeded draw when the calibration set is larger; recorded in the manifest).
+        judge_rows: r, the output rows per linear that TLQ's in-loop scale search reads: a linear with
+            more than 2r rows is judged on r seeded rows (and its grid scored on 2r) before the winner is
+            solved in full; a group whose linears all have at most 2r rows is judged on every row
+            (tlq/calib/solved_scaling.py; recorded in the manifest).
         max_pixels: calibration images above this many pixels are downscaled (aspect kept) before the
             processor (tlq/data/processing.py); None keeps the processor's own bound (Qwen2-VL:
             its max_pixels, 12,845,056 in Qwen2-VL-7B-Instruct's preprocessor config; LLaVA-OneVision:
@@ -197,6 +201,7 @@ class CalibConfig:
     n_grid: int = 20
     batch_tokens: int = 8192
     search_tokens: int = 4096
+    judge_rows: int = 512
     host_memory: float = 16.0
     max_pixels: int | None = None
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
@@ -231,7 +236,7 @@ class CalibConfig:
             self.damp = self.method.damp
         if self.exposure_strength is None:
             self.exposure_strength = self.method.exposure_strength
-        for name in ("batch_tokens", "search_tokens"):
+        for name in ("batch_tokens", "search_tokens", "judge_rows"):
             if getattr(self, name) < 1:
                 raise TLQError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         if self.max_pixels is not None and self.max_pixels < 1:
@@ -250,5 +255,5 @@ class CalibConfig:
                 "calib": str(self.calib), "max_samples": self.max_samples, "seed": self.seed,
                 "act_order": self.act_order, "damp": self.damp, "exposure_strength": self.exposure_strength,
                 "importance": self.importance.__dict__, "smoothquant_alpha": self.smoothquant_alpha,
-                "n_grid": self.n_grid, "search_tokens": self.search_tokens,
+                "n_grid": self.n_grid, "search_tokens": self.search_tokens, "judge_rows": self.judge_rows,
                 "batch_tokens": self.batch_tokens, "max_pixels": self.max_pixels}

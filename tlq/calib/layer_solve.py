@@ -107,7 +107,7 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
     no_clip = replace(settings, clip_search=False)  # AWQ does not clip q/k: their error passes the softmax
 
     quantized, hooks = {}, []
-    for group in adapter.linear_groups:
+    for index, group in enumerate(adapter.linear_groups):
         w = group_weights(inputs.weights, group) if method.importance != "uniform" else None
         keep = None
         if w is not None or cfg.importance.max_tokens is not None:  # uniform weights: --max-tokens only
@@ -124,7 +124,8 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
                                 act_quant=not scheme.weight_only, batch_tokens=cfg.batch_tokens,
                                 search=search if method.clip_search else None, activation_stat=in_loop)
         if in_loop:
-            solution = solve_group(layer, group, data, cfg, dtype, settings)
+            solution = solve_group(layer, group, data, cfg, dtype, settings,
+                                   seed=layer_seed * len(adapter.linear_groups) + index)  # a draw per group
         else:
             solution = GroupSolution({}, None)
             for name in group.names:

@@ -90,7 +90,7 @@ def calibration_record(cfg: CalibConfig, samples=None, weights: list[dict] | Non
         "importance": cfg.importance.__dict__, "exposure": cfg.method.exposure,
         "input_scaling": cfg.method.input_scaling, "act_order": cfg.act_order, "damp": cfg.damp,
         "exposure_strength": cfg.exposure_strength, "search_tokens": cfg.search_tokens,
-        "batch_tokens": cfg.batch_tokens, "max_pixels": cfg.max_pixels,
+        "judge_rows": cfg.judge_rows, "batch_tokens": cfg.batch_tokens, "max_pixels": cfg.max_pixels,
     }
 
 

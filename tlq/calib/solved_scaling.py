@@ -22,9 +22,22 @@ M, C, S, a (tlq/quant/statistics.py) of its exposed inputs:
      quantized, so its per-row scales are divided by s (its codes stay; the new scales are rounded
      to the checkpoint's scale dtype, a relative change below 2^-8 of the row).
 
-The identity is always a candidate, so on the calibration tokens scaling never makes a solved group
-worse. The published AWQ / MBQ searches (scored by RTN alone, before any group is quantized) and
-activation-quantized schemes (whose statistics do not transform with s) use tlq/calib/input_scaling.py.
+Rows. Given the group's statistics every quantity above is a sum over output rows, each row's term
+depending on that row alone: GPTQ's updates and its group scales and zeros are per row (the Hessian
+factor and act-order's permutation are shared), so are RTN, the exposure target and D's terms in
+E(Q) - E(W). So a linear with N > 2r rows (r = CalibConfig.judge_rows, default 512) is judged on r of
+its rows and scored by the proxy on 2r (the judge's r among them), drawn uniformly without
+replacement by a generator seeded from the layer's seed and the group: each linear's row sum times
+N / r (N / 2r) is an unbiased estimate of its sum over all N rows (the same weight each linear has in
+the full sum), and plain and scaled are compared on the same rows, so the row-to-row spread they
+share cancels in the difference. Only the winner is then solved in full; a linear with at most 2r
+rows is judged on all of them and keeps its judged solution. A group whose linears all have at most
+2r rows is judged exactly as above, both ways in full (the small fixtures: every checkpoint as before).
+
+The identity is always a candidate, so on the calibration tokens (and, for a subsampled group, the
+judged rows) scaling never makes a solved group worse. The published AWQ / MBQ searches (scored by
+RTN alone, before any group is quantized) and activation-quantized schemes (whose statistics do not
+transform with s) use tlq/calib/input_scaling.py.
 """
 from __future__ import annotations
 
@@ -49,22 +62,57 @@ class GroupSolution:
 
     weights: dict[str, QuantizedWeight]
     scale: torch.Tensor | None
-    error: float | None = None  # E(Q) - E(W) summed over the group's linears (when judged)
+    error: float | None = None  # E(Q) - E(W) summed over the group's linears (when judged; from the judged rows)
 
 
-def proxy_scale(Ws: list[torch.Tensor], stats: InputStatistics, cfg: CalibConfig, dtype: torch.dtype
-                ) -> torch.Tensor | None:
-    """Step 1 of the module docstring: the grid's best s, None when the identity wins."""
+@dataclass
+class JudgedRows:
+    """The output rows of each linear (by name) that steps 1 and 2 read: index tensors, None for every row."""
+
+    judge: dict[str, torch.Tensor | None]
+    proxy: dict[str, torch.Tensor | None]
+
+    @classmethod
+    def draw(cls, sizes: dict[str, int], r: int, seed: int) -> JudgedRows:
+        """r rows for the judge and 2r for the proxy (the judge's among them) of each linear with more than
+        2r rows (`sizes`: rows by name), a seeded uniform draw without replacement; None elsewhere."""
+        generator = torch.Generator().manual_seed(seed)
+        judge, proxy = {}, {}
+        for name, n in sizes.items():
+            if n <= 2 * r:
+                judge[name] = proxy[name] = None
+                continue
+            order = torch.randperm(n, generator=generator)
+            judge[name], proxy[name] = order[:r].sort().values, order[:2 * r].sort().values
+        return cls(judge, proxy)
+
+    @property
+    def every_row(self) -> bool:
+        return all(rows is None for rows in self.judge.values())
+
+
+def take_rows(W: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """W's rows `rows` (all when None) and the weight N / r that makes their sum estimate W's."""
+    if rows is None:
+        return W, 1.0
+    return W[rows.to(W.device)], W.shape[0] / len(rows)
+
+
+def proxy_scale(Ws: list[torch.Tensor], stats: InputStatistics, cfg: CalibConfig, dtype: torch.dtype,
+                rows: list[torch.Tensor | None] | None = None) -> torch.Tensor | None:
+    """Step 1 of the module docstring: the grid's best s, None when the identity wins. `rows`: the rows
+    of each W that score it (JudgedRows.proxy; None: every row)."""
     scheme, spec = cfg.scheme, cfg.method.scale_search
     energy = stats.input_energy()
     stat = stats.activation_statistic()
     w_mean = weight_magnitude(Ws, scheme.group_size).to(energy) if spec.duo_scaling else None
+    scored = [take_rows(W, idx) for W, idx in zip(Ws, rows or [None] * len(Ws))]
     best, best_s = float("inf"), None
     for step, s in enumerate(scale_candidates(stat, cfg.n_grid, w_mean)):
         loss = 0.0
-        for W in Ws:
+        for W, share in scored:
             Q = fake_quantize(W * s, scheme.bits, scheme.group_size, scheme.symmetric, dtype, grid=scheme.grid)
-            loss += float(((W - Q / s).square() * energy).sum())
+            loss += share * float(((W - Q / s).square() * energy).sum())
         if loss < best:
             best, best_s = loss, (None if step == 0 and w_mean is None else s)
     return best_s
@@ -89,17 +137,28 @@ class OutputError:
 
 
 def solve_group(layer: nn.Module, group: LinearGroup, data: GroupData, cfg: CalibConfig, dtype: torch.dtype,
-                settings: SolverSettings) -> GroupSolution:
+                settings: SolverSettings, seed: int = 0) -> GroupSolution:
     """Steps 1-2 for one group of `layer` (its weights still float): the solved linears (on the CPU)
-    and their scale."""
+    and their scale. `seed` draws the rows of linears with more than 2 * cfg.judge_rows rows."""
     solve = SOLVERS[cfg.method.solver].solve
     Ws = {n: get_submodule(layer, n).weight.detach().float() for n in group.names}
     stats = data.statistics()
+    rows = JudgedRows.draw({n: W.shape[0] for n, W in Ws.items()}, cfg.judge_rows, seed)
     with timed("scale search"):
-        s = proxy_scale(list(Ws.values()), stats, cfg, dtype) if can_fold(layer, group, stats.M.shape[0]) else None
+        s = (proxy_scale(list(Ws.values()), stats, cfg, dtype, list(rows.proxy.values()))
+             if can_fold(layer, group, stats.M.shape[0]) else None)
     if s is None:
         with timed("solve"):
             return GroupSolution({n: solve(W, data, settings).to("cpu") for n, W in Ws.items()}, None)
+    if rows.every_row:
+        return judge_in_full(Ws, s, data, settings, solve)
+    return judge_on_rows(Ws, rows.judge, s, data, settings, solve)
+
+
+def judge_in_full(Ws: dict[str, torch.Tensor], s: torch.Tensor, data: GroupData, settings: SolverSettings,
+                  solve) -> GroupSolution:
+    """Step 2 on every row: the group solved both ways in full, the better kept."""
+    stats = data.statistics()
     with timed("scale search"):
         errors = {n: OutputError(W, stats, settings.damp) for n, W in Ws.items()}
     with timed("solve"):
@@ -113,6 +172,30 @@ def solve_group(layer: nn.Module, group: LinearGroup, data: GroupData, cfg: Cali
     if scaled_error < plain_error:
         return GroupSolution({n: q.to("cpu") for n, q in scaled.items()}, s, scaled_error)
     return GroupSolution(plain, None, plain_error)  # the identity wins (ties too)
+
+
+def judge_on_rows(Ws: dict[str, torch.Tensor], rows: dict[str, torch.Tensor | None], s: torch.Tensor,
+                  data: GroupData, settings: SolverSettings, solve) -> GroupSolution:
+    """Step 2 on the judged rows (module docstring, Rows): both ways on the rows, each linear's error
+    times N / r, then the winner solved in full (a linear judged on every row keeps its solution)."""
+    stats = data.statistics()
+    with timed("scale search"):
+        judged = {n: take_rows(W, rows[n]) for n, W in Ws.items()}
+        errors = {n: OutputError(W, stats, settings.damp) for n, (W, _) in judged.items()}
+        plain = {n: solve(W, data, settings) for n, (W, _) in judged.items()}
+        plain_error = sum(judged[n][1] * errors[n](q.dequantize()) for n, q in plain.items())
+        plain = {n: q.to("cpu") for n, q in plain.items()}
+        with stats.scaled_inputs(s, settings.damp, settings.act_order):  # the unscaled factor stays
+            scaled = {n: solve(W, data, settings) for n, (W, _) in judged.items()}
+        scaled_error = sum(judged[n][1] * errors[n](q.dequantize() / s.to(q.scales)) for n, q in scaled.items())
+        del errors, judged
+    keep = scaled_error < plain_error  # the identity wins ties
+    if keep:
+        stats.scale_inputs_(s, settings.damp, settings.act_order)  # the same factor the judged rows used
+    solved = scaled if keep else plain
+    with timed("solve"):
+        weights = {n: (solved[n] if rows[n] is None else solve(W, data, settings)).to("cpu") for n, W in Ws.items()}
+    return GroupSolution(weights, s if keep else None, scaled_error if keep else plain_error)
 
 
 def fold_into_previous(layer: nn.Module, layer_prefix: str, group: LinearGroup, s: torch.Tensor,

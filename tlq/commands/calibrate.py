@@ -38,6 +38,9 @@ def calibrate(
                                      "its statistics (memory: batch x K fp32; nothing grows with calibration tokens)"),
     search_tokens: int = typer.Option(4096, help="tokens (whole samples, drawn by importance) that the input-scale "
                                       "and clipping searches see; recorded in the manifest"),
+    judge_rows: int = typer.Option(512, help="tlq weight-only: a linear with more than 2x this many output rows "
+                                   "has its input scale judged on this many seeded rows, then only the winner "
+                                   "is solved in full; recorded in the manifest"),
     host_memory: float = typer.Option(16.0, help="GiB of host RAM a process may use beyond its weights; the "
                                       "hidden-state streams are spilled to files in the work folder when they "
                                       "would take more than half of it (same checkpoint)"),
@@ -63,7 +66,7 @@ def calibrate(
         importance=importance, exposure=exposure, input_scaling=input_scaling, max_tokens=max_tokens,
         drop_below=drop_below, max_samples=max_samples, seed=seed, device=device, act_order=act_order, damp=damp,
         exposure_strength=exposure_strength, overwrite=overwrite, resume=resume, batch_tokens=batch_tokens,
-        search_tokens=search_tokens, host_memory=host_memory, max_pixels=max_pixels)
+        search_tokens=search_tokens, judge_rows=judge_rows, host_memory=host_memory, max_pixels=max_pixels)
     if tp is not None:
         _warn_tensor_parallel(cfg, tp)
     if dry_run:  # plans only: needs no GPU, even for --device cuda

@@ -17,10 +17,13 @@ batches sum the same products in another order (equal within float rounding).
 M / S + lam I, lam = damp * mean diag) and the GPTQ factor of H, computed in place. Device memory
 for corrected exposure: M, C and the exposure factor (3 K x K), then C moves to host memory while
 M becomes H and is factored (H + its factor + the exposure factor: 3), then H is freed; without
-exposure at most 2. On the CPU C simply stays (4 at the GPTQ factorisation).
+exposure at most 2. On the CPU C simply stays (4 at the GPTQ factorisation). TLQ's row-subsampled
+scale judge (`scaled_inputs`) holds a scaled copy of the GPTQ factor for a while: 3 again (4 on the CPU).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +185,21 @@ class InputStatistics:
         factor = self.gptq_factor(damp, act_order)
         factor.U.mul_(s.to(factor.U)[factor.perm][None, :])
         self.input_scale = s
+
+    @contextmanager
+    def scaled_inputs(self, s: torch.Tensor, damp: float, act_order: bool) -> Iterator[None]:
+        """`scale_inputs_` for the duration of a `with` block, on a scaled copy of the GPTQ factor (one
+        K x K more, while the exposure factor and the unscaled GPTQ factor are alive): on exit the
+        unscaled problem is back, bit for bit. The copy holds the same products as `scale_inputs_`, so
+        a solve inside the block equals one after `scale_inputs_(s)`."""
+        key = (damp, act_order)
+        factor = self.gptq_factor(damp, act_order)
+        self._gptq[key] = HessianFactor(factor.U * s.to(factor.U)[factor.perm][None, :], factor.perm, factor.dead)
+        self.input_scale = s
+        try:
+            yield
+        finally:
+            self._gptq[key], self.input_scale = factor, None
 
     def release(self) -> None:
         """Drop every K x K buffer (the group is solved)."""
