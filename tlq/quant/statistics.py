@@ -18,7 +18,8 @@ M / S + lam I, lam = damp * mean diag) and the GPTQ factor of H, computed in pla
 for corrected exposure: M, C and the exposure factor (3 K x K), then C moves to host memory while
 M becomes H and is factored (H + its factor + the exposure factor: 3), then H is freed; without
 exposure at most 2. On the CPU C simply stays (4 at the GPTQ factorisation). TLQ's row-subsampled
-scale judge (`scaled_inputs`) holds a scaled copy of the GPTQ factor for a while: 3 again (4 on the CPU).
+scale judge (`scaled_inputs`) parks a copy of the unscaled GPTQ factor in host memory for a while
+(on the CPU: 4 again).
 """
 from __future__ import annotations
 
@@ -188,18 +189,16 @@ class InputStatistics:
 
     @contextmanager
     def scaled_inputs(self, s: torch.Tensor, damp: float, act_order: bool) -> Iterator[None]:
-        """`scale_inputs_` for the duration of a `with` block, on a scaled copy of the GPTQ factor (one
-        K x K more, while the exposure factor and the unscaled GPTQ factor are alive): on exit the
-        unscaled problem is back, bit for bit. The copy holds the same products as `scale_inputs_`, so
-        a solve inside the block equals one after `scale_inputs_(s)`."""
-        key = (damp, act_order)
+        """`scale_inputs_(s)` for the duration of a `with` block; on exit the unscaled GPTQ factor is back,
+        bit for bit (a copy waits in host memory: one K x K more on the CPU, none on a GPU)."""
         factor = self.gptq_factor(damp, act_order)
-        self._gptq[key] = HessianFactor(factor.U * s.to(factor.U)[factor.perm][None, :], factor.perm, factor.dead)
-        self.input_scale = s
+        unscaled = factor.U.to("cpu", copy=True)
+        self.scale_inputs_(s, damp, act_order)
         try:
             yield
         finally:
-            self._gptq[key], self.input_scale = factor, None
+            factor.U.copy_(unscaled)
+            self.input_scale = None
 
     def release(self) -> None:
         """Drop every K x K buffer (the group is solved)."""
