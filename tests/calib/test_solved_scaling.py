@@ -15,6 +15,7 @@ from tlq.calib.input_scaling import scales_in_loop
 from tlq.calib.layer_solve import LayerInputs, calibrate_layer
 from tlq.calib.probes import collect_inputs
 from tlq.calib.solved_scaling import JudgedRows, OutputError, fold_into_previous, proxy_scale, solve_group
+from tlq.errors import TLQError
 from tlq.quant.gptq import HessianFactor, gptq_core
 from tlq.quant.qparams import quantize_rtn
 from tlq.quant.solvers import GroupData, SolverSettings, solve_gptq
@@ -311,3 +312,9 @@ def test_scaled_inputs_restores_the_unscaled_factor():
     assert torch.equal(stats.gptq_factor(0.01, True).U, U) and stats.input_scale is None
     stats.scale_inputs_(s, 0.01, True)
     assert torch.equal(stats.gptq_factor(0.01, True).U, inside)
+
+
+def test_judge_rows_is_checked_and_part_of_the_run_key(tmp_path):
+    with pytest.raises(TLQError, match="--judge-rows must be at least 1"):
+        dataclasses.replace(_cfg(tmp_path), judge_rows=0)
+    assert _cfg(tmp_path).run_key() != dataclasses.replace(_cfg(tmp_path), judge_rows=64).run_key()
