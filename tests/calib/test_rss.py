@@ -41,3 +41,17 @@ def test_cpu_kernel_caches_are_bounded_unless_the_user_chose(monkeypatch):
     rss.bound_cpu_kernel_caches()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(rss.CPU_KERNEL_CACHES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
     assert os.environ["LRU_CACHE_CAPACITY"] == "0"
+
+
+def test_a_pass_trims_the_heap_once_per_trim_tokens(monkeypatch):
+    from tlq.calib import rss
+    trims = []
+    monkeypatch.setattr(rss, "trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(rss, "TRIM_TOKENS", 300)
+    monkeypatch.setitem(rss._TRIMMED, "tokens", 0)
+    for _ in range(7):  # samples of 100 tokens: a trim after the 3rd and the 6th
+        rss.trim_heap_every(100)
+    assert len(trims) == 2
+    rss.trim_heap_every(2000)  # one long sample: one trim, and the count starts again
+    rss.trim_heap_every(100)
+    assert len(trims) == 3

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from tlq.adapters import ModelAdapter, get_submodule
 from tlq.calib.capture import CapturedSample, to_device
+from tlq.calib.rss import trim_heap_every
 from tlq.calib.streams import SampleStore, StreamFolder, should_spill
 from tlq.data.processing import IGNORE_INDEX
 
@@ -107,6 +108,8 @@ def token_gradients(model, adapter: ModelAdapter, samples: list[CapturedSample],
                         grads.append(_loss_gradient(model, adapter, h, sample).cpu())
                     else:
                         inputs[index + 1].append(h.cpu())
+                    del h
+                    trim_heap_every(sample.num_tokens)
             bar.update()
         raw: RawImportance = [{} for _ in samples]
         sources = _sources(adapter)
@@ -117,6 +120,7 @@ def token_gradients(model, adapter: ModelAdapter, samples: list[CapturedSample],
                     into.append(_backward_layer(layers[index], index, sources, inputs[index][i],
                                                 grads[i].to(device), _kwargs(sample, device, dtype), device,
                                                 raw[i]).cpu())
+                    trim_heap_every(sample.num_tokens)
             _free(inputs[index])
             _free(grads)
             grads = into

@@ -17,7 +17,7 @@ from tlq.calib.config import CalibConfig
 from tlq.calib.group_inputs import search_samples, stream_group
 from tlq.calib.importance import group_weights
 from tlq.calib.input_scaling import scale_layer_inputs, scales_in_loop
-from tlq.calib.rss import trim_heap
+from tlq.calib.rss import trim_heap, trim_heap_every
 from tlq.calib.solved_scaling import GroupSolution, fold_into_previous, solve_group
 from tlq.calib.timing import timed
 from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8
@@ -57,6 +57,7 @@ def run_layer(layer: nn.Module, hidden, kwargs: list[dict], device: str, into=No
     with torch.no_grad():
         for h, kw in zip(hidden, kwargs):
             out.append(layer(h.to(device), **to_device(kw, device)).cpu())
+            trim_heap_every(h.shape[-2])
     return out
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from tlq.adapters import LinearGroup, ModelAdapter, get_submodule
 from tlq.calib.capture import to_device
+from tlq.calib.rss import trim_heap_every
 from tlq.calib.timing import timed
 
 
@@ -32,6 +33,7 @@ def _run_until(layer: nn.Module, module: nn.Module, hook, hidden: list[torch.Ten
                     layer(h.to(device), **to_device(kw, device))
                 except _Stop:
                     pass
+                trim_heap_every(h.shape[-2])
     finally:
         handle.remove()
 

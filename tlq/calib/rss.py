@@ -1,7 +1,7 @@
 """This process's resident memory, measured: the leaf every runner and phase reads.
 
 `start_of_calibration` notes the bare runtime's RSS and limits heap slack; `trim_heap` gives
-freed heap back between phases; `rss_mark` (TLQ_RSS_TRACE=1) traces RSS per phase; and
+freed heap back between phases, `trim_heap_every` within a pass over the samples; `rss_mark` (TLQ_RSS_TRACE=1) traces RSS per phase; and
 `write_memory_record` (TLQ_DIST_RECORD) leaves each process's peak for tests and benchmarks.
 The dry-run *estimate* is tlq/multirank/estimate.py.
 """
@@ -63,6 +63,27 @@ def trim_heap() -> None:
         trim(0)
 
 
+# A pass over the samples (the gradient pass, a layer's outputs, a group's inputs) allocates each
+# sample's activations below MMAP_THRESHOLD (e.g. [1, T, H] bf16) from a heap that earlier passes left
+# fragmented: they come from wherever a free chunk fits, so the pages a pass leaves resident grow with
+# its number of samples while the bytes in use do not (2b fixture, gradient pass: the heap grew ~18 MiB
+# per 1k-token sample, in use ~3 MiB; its peak 1376 MiB with 8 samples, 1845 with 32). Trimming after
+# every TRIM_TOKENS tokens of a pass bounds this to about one sample's pages: gradient pass 1267 / 1422
+# MiB, layer-0 peak 2829 -> 2720 MiB (8 samples) and 3220 -> 2876 (32; 1.14x -> 1.06x the 8's). Cost,
+# medium fixture, 32 short samples: gradient pass CPU time +3.5% (+13% trimming after every sample).
+TRIM_TOKENS = 1024
+_TRIMMED = {"tokens": 0}
+
+
+def trim_heap_every(tokens: int) -> None:
+    """In a pass over the samples, after each sample of `tokens` tokens: `trim_heap` once the samples
+    since the last trim hold TRIM_TOKENS tokens."""
+    _TRIMMED["tokens"] += tokens
+    if _TRIMMED["tokens"] >= TRIM_TOKENS:
+        _TRIMMED["tokens"] = 0
+        trim_heap()
+
+
 # glibc's mallopt(M_MMAP_THRESHOLD): blocks at least this large get their own mapping, which goes
 # back to the OS the moment it is freed. Setting it also stops glibc from raising the threshold by
 # itself (up to 32 MiB) after a large block is freed, which would put a layer's K x K Hessians on the
@@ -88,7 +109,10 @@ def limit_heap_slack() -> None:
 # 1024), about 11 MiB per 1k-token sample; ideep's another ~6 MiB per sample. A calibration bounds
 # them (CPU_KERNEL_CACHES) unless the user set the variables, so they stop growing after a few
 # samples. Cost, medium fixture, 32 short samples, CPU seconds: gradient pass 7.4 at the defaults,
-# 12.9 bounded (a few % of a TLQ run); peak RSS 1268 -> 1137 MiB. Off (0) it ran 4.4x slower.
+# 12.9 bounded (a few % of a TLQ run); peak RSS 1268 -> 1137 MiB. Off (0) it ran 4.4x slower. Bounded,
+# they still fill with the first ~32 samples of the 2b fixture (~190 MiB after its gradient pass: 106
+# in the heap, 81 of JIT code) and then stay there; 32 and 16 entries cost the medium fixture's gradient
+# pass 26% more CPU time (its short samples share shapes).
 CPU_KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256, "LRU_CACHE_CAPACITY": 64}
 
 

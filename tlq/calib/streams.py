@@ -6,7 +6,8 @@ model's dtype: 4 x tokens x H values that grow with the calibration set (the cap
 is consumed by the loop, not kept beside them; a pipeline stage adds the FP targets it computes
 ahead). `--host-memory` (GiB) is the host RAM a process may use beyond the weights it holds; the
 streams get at most half of it (STREAM_SHARE), the rest being what never spills (the runtime, the
-layer being calibrated and its results, gathered inputs, position embeddings). Within that share
+layer being calibrated and its results, gathered inputs, position embeddings: Qwen2-VL's bf16 cos and
+sin take 0.5 MiB per 1k-token sample, 64 MiB at 128k tokens). Within that share
 they are plain lists in RAM. Above it every stream is a `SampleStore` on disk: one file per sample,
 read back memory-mapped one sample at a time, so the process's resident memory no longer grows with
 tokens. Values are bit-identical either way, so the checkpoint does not depend on spilling.
