@@ -249,7 +249,9 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
         if in_loop and g.foldable:
             judge = ((n_sum - N) + corrected * n_sum) * K * F32 + (0 if cuda else n_sum * K * 4) + (0 if corrected else q)
             work = max(work, own + float_copy + solve + judge)
-            host = max(host, n_sum * K * 4 if cuda else 0)
+            # a linear judged on rows (more than 2 judge_rows outputs): the unscaled GPTQ factor waits on the host
+            parked = q if max(g.outs) > 2 * cfg.judge_rows else 0
+            host = max(host, n_sum * K * 4 + parked if cuda else 0)
         # input-scale search, then (judge "solver") the solve it is judged by, on the st tokens
         elif scaling == "awq" and g.foldable:
             Ws = n_sum * K * F32
