@@ -63,7 +63,7 @@ class GroupSolution:
 
     weights: dict[str, QuantizedWeight]
     scale: torch.Tensor | None
-    error: float | None = None  # E(Q) - E(W) summed over the group's linears (when judged; from the judged rows)
+    error: float | None = None  # E(Q) - E(W) over the group's linears (when judged; estimated on judged rows)
 
 
 @dataclass
