@@ -20,7 +20,7 @@ from tlq.quant.gptq import HessianFactor, gptq_core
 from tlq.quant.qparams import quantize_rtn
 from tlq.quant.solvers import GroupData, SolverSettings, solve_gptq
 from tlq.quant.statistics import InputStatistics
-from tlq.quant.weighted_gptq import weighted_gptq_from_statistics
+from tlq.quant.weighted_gptq import exposure_target, weighted_gptq_from_statistics
 from tlq.schemes import get_scheme
 
 W3 = get_scheme("w3a16").with_overrides(group_size=32)
@@ -234,15 +234,16 @@ def test_groups_of_at_most_2r_rows_are_judged_in_full(first, case, tmp_path, mon
 
 @pytest.mark.parametrize("case", ["helps", "hurts"])
 @pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
-@pytest.mark.parametrize("first", ["self_attn.q_proj", "mlp.gate_proj"])
-def test_row_judge_decides_as_the_full_judge_and_solves_the_winner_in_full(first, act_order, case, tmp_path,
+@pytest.mark.parametrize(("first", "r"), [("self_attn.q_proj", 8), ("self_attn.q_proj", 16), ("mlp.gate_proj", 8)],
+                         ids=["qkv-all-on-rows", "qkv-kv-whole", "gate-up"])
+def test_row_judge_decides_as_the_full_judge_and_solves_the_winner_in_full(first, r, act_order, case, tmp_path,
                                                                            monkeypatch):
-    """Outlier input channels: the proxy's s helps (by 12% or more); a random s hurts (by 50x). On 8 of
-    each linear's rows (q/k/v: 64/32/32 rows, gate/up 96) the judge keeps what the full judge keeps, and
-    the winner is then solved on every row: equal to solving the group directly with the chosen s
-    (act-order too)."""
+    """Outlier input channels: the proxy's s helps (by 12% or more); a random s hurts (by 50x). On r of
+    each linear's rows (q/k/v: 64/32/32 rows, gate/up 96; with r = 16 k and v are judged whole) the judge
+    keeps what the full judge keeps, and the winner is then solved on every row: equal to solving the
+    group directly with the chosen s (act-order too)."""
     layer, group, data = _outlier_group(first)
-    cfg = dataclasses.replace(_cfg(tmp_path), judge_rows=8)
+    cfg = dataclasses.replace(_cfg(tmp_path), judge_rows=r)
     settings = _settings(cfg, act_order)
     K = get_submodule(layer, group.names[0]).weight.shape[1]
     if case == "hurts":
@@ -318,3 +319,14 @@ def test_judge_rows_is_checked_and_part_of_the_run_key(tmp_path):
     with pytest.raises(TLQError, match="--judge-rows must be at least 1"):
         dataclasses.replace(_cfg(tmp_path), judge_rows=0)
     assert _cfg(tmp_path).run_key() != dataclasses.replace(_cfg(tmp_path), judge_rows=64).run_key()
+
+
+def test_no_exposure_target_after_the_float_path_moment_is_dropped():
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(100, 16, generator=g)
+    stats = InputStatistics.from_tensors(X, None, X + 0.1)
+    factor = stats.exposure_factor(0.01)
+    exposure_target(torch.randn(4, 16, generator=g), factor)
+    stats.drop_cross()
+    with pytest.raises(TLQError, match="dropped"):
+        exposure_target(torch.randn(4, 16, generator=g), factor)

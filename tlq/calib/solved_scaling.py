@@ -42,7 +42,7 @@ transform with s) use tlq/calib/input_scaling.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ from tlq.quant.qparams import QuantizedWeight, fake_quantize
 from tlq.quant.scale_search import scale_candidates, weight_magnitude
 from tlq.quant.solvers import SOLVERS, GroupData, SolverSettings
 from tlq.quant.statistics import InputStatistics
+from tlq.quant.weighted_gptq import exposure_target
 
 
 @dataclass
@@ -181,13 +182,16 @@ def judge_on_rows(Ws: dict[str, torch.Tensor], rows: dict[str, torch.Tensor | No
     times N / r, then the winner solved in full (a linear judged on every row keeps its solution)."""
     stats = data.statistics()
     with timed("scale search"):
-        judged = {n: take_rows(W, rows[n]) for n, W in Ws.items()}
-        errors = {n: OutputError(W, stats, settings.damp) for n, (W, _) in judged.items()}
-        plain = {n: solve(W, data, settings) for n, (W, _) in judged.items()}
+        errors = {n: OutputError(take_rows(W, rows[n])[0], stats, settings.damp) for n, W in Ws.items()}
+    with timed("solve"):
+        targets, settings = exposure_targets(Ws, stats, settings)
+    with timed("scale search"):
+        judged = {n: take_rows(T, rows[n]) for n, T in targets.items()}
+        plain = {n: solve(T, data, settings) for n, (T, _) in judged.items()}
         plain_error = sum(judged[n][1] * errors[n](q.dequantize()) for n, q in plain.items())
         plain = {n: q.to("cpu") for n, q in plain.items()}
         with stats.scaled_inputs(s, settings.damp, settings.act_order):  # the unscaled factor stays
-            scaled = {n: solve(W, data, settings) for n, (W, _) in judged.items()}
+            scaled = {n: solve(T, data, settings) for n, (T, _) in judged.items()}
         scaled_error = sum(judged[n][1] * errors[n](q.dequantize() / s.to(q.scales)) for n, q in scaled.items())
         del errors, judged
     keep = scaled_error < plain_error  # the identity wins ties
@@ -195,8 +199,22 @@ def judge_on_rows(Ws: dict[str, torch.Tensor], rows: dict[str, torch.Tensor | No
         stats.scale_inputs_(s, settings.damp, settings.act_order)  # the same factor the judged rows used
     solved = scaled if keep else plain
     with timed("solve"):
-        weights = {n: (solved[n] if rows[n] is None else solve(W, data, settings)).to("cpu") for n, W in Ws.items()}
+        weights = {n: (solved[n] if rows[n] is None else solve(T, data, settings)).to("cpu")
+                   for n, T in targets.items()}
     return GroupSolution(weights, s if keep else None, scaled_error if keep else plain_error)
+
+
+def exposure_targets(Ws: dict[str, torch.Tensor], stats: InputStatistics, settings: SolverSettings
+                     ) -> tuple[dict[str, torch.Tensor], SolverSettings]:
+    """Each linear's exposure-corrected target (tlq/quant/weighted_gptq.py), formed once for the three
+    solves on it, and the settings that solve a target as it is (strength 0: the same codes as solving W
+    with the correction). The float path's C is dropped after: one K x K less while the rows are solved."""
+    if not (stats.cross and settings.exposure_strength > 0):
+        return Ws, settings
+    factor = stats.exposure_factor(settings.damp)
+    targets = {n: exposure_target(W, factor, settings.exposure_strength) for n, W in Ws.items()}
+    stats.drop_cross()
+    return targets, replace(settings, exposure_strength=0.0)
 
 
 def fold_into_previous(layer: nn.Module, layer_prefix: str, group: LinearGroup, s: torch.Tensor,

@@ -200,6 +200,12 @@ class InputStatistics:
             factor.U.copy_(unscaled)
             self.input_scale = None
 
+    def drop_cross(self) -> None:
+        """Free C / S once every exposure target of the group is formed (one K x K less); later solves must
+        not correct exposure again."""
+        for factor in self._exposure.values():
+            factor.C = None
+
     def release(self) -> None:
         """Drop every K x K buffer (the group is solved)."""
         self.M = self.C = None
