@@ -30,9 +30,10 @@ its rows and scored by the proxy on 2r (the judge's r among them), drawn uniform
 replacement by a generator seeded from the layer's seed and the group: each linear's row sum times
 N / r (N / 2r) is an unbiased estimate of its sum over all N rows (the same weight each linear has in
 the full sum), and plain and scaled are compared on the same rows, so the row-to-row spread they
-share cancels in the difference. Only the winner is then solved in full (the unscaled GPTQ factor
-waits in host memory while the rows are solved scaled); a linear with at most 2r rows is judged on all
-of them and keeps its judged solution. A group whose linears all have at most 2r rows is judged as in
+share cancels in the difference. Only the winner is then solved in full; a linear with at most 2r
+rows is judged on all of them and keeps its judged solution. Each linear's exposure target is formed
+once for its solves, and the float-path moment C is then dropped, so the unscaled GPTQ factor can wait
+in host memory while the rows are solved scaled without raising the group's peak. A group whose linears all have at most 2r rows is judged as in
 step 2, both ways in full (the tiny and the trained quality fixtures: their checkpoints are unchanged).
 
 The identity is always a candidate, so on the calibration tokens (and, for a subsampled group, the

@@ -18,8 +18,8 @@ M / S + lam I, lam = damp * mean diag) and the GPTQ factor of H, computed in pla
 for corrected exposure: M, C and the exposure factor (3 K x K), then C moves to host memory while
 M becomes H and is factored (H + its factor + the exposure factor: 3), then H is freed; without
 exposure at most 2. On the CPU C simply stays (4 at the GPTQ factorisation). TLQ's row-subsampled
-scale judge (`scaled_inputs`) parks a copy of the unscaled GPTQ factor in host memory for a while
-(on the CPU: 4 again).
+scale judge drops C once the exposure targets are formed (`drop_cross`), then parks a copy of the
+unscaled GPTQ factor in host memory while it solves scaled (`scaled_inputs`; on the CPU: 3).
 """
 from __future__ import annotations
 
