@@ -16,9 +16,9 @@ import time
 
 import pytest
 
+from tlq.format.checkpoint import verify_checkpoint
 from tlq.multirank.launch import free_port
 from tlq.multirank.writer import tensor_hashes
-from tlq.format.checkpoint import verify_checkpoint
 
 TIMEOUT = 300
 ARGS = ["--max-samples", "4", "--quiet"]
