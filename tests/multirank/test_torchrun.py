@@ -98,10 +98,10 @@ def test_a_dying_rank_stops_the_other_and_the_rerun_resumes(qwen2_vl_dir, refere
     args = (str(qwen2_vl_dir), "--out", str(out), "--method", "gptq", *ARGS)
     died = _torchrun(*args, env=_env(TLQ_TEST_DIE_AFTER_LAYER=1))  # rank 1 dies after its layer
     assert died.returncode != 0, died.stderr[-3000:]
-    # rank 0 is told while it waits for the others, or, when the SIGTERM comes first, while it still
-    # hands its stream over (both seen on the same machine: timing)
-    assert re.search(r"error: rank 0/2 stopped during (waiting for the other ranks|the layer loop \(layers 0-0\))",
-                     died.stderr), died.stderr[-3000:]
+    # rank 0 is told in whatever it does after handing its stream to rank 1: still handing it over,
+    # writing its shard, or waiting for the others (timing; the first and the last were both seen here)
+    phases = r"(the layer loop \(layers 0-0\)|writing this rank's shard|waiting for the other ranks)"
+    assert re.search(rf"error: rank 0/2 stopped during {phases}: ", died.stderr), died.stderr[-3000:]
     assert not out.exists()
     assert not list(tmp_path.glob(".ckpt.tmp-*"))  # rank 0 had written its shard there: removed
     work = {p.name: sorted(f.name for f in p.iterdir()) for p in tmp_path.glob(".ckpt.work-rank*")}

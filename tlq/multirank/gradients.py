@@ -21,6 +21,7 @@ from tlq.calib.gradient_pass import (
     on_device,
     sft_loss,
 )
+from tlq.calib.rss import trim_heap_every
 from tlq.multirank.context import RankContext
 
 
@@ -67,6 +68,7 @@ def pipeline_gradients(ctx: RankContext, model, adapter: ModelAdapter, stage: ra
         grad_in = backward_stage(adapter, layers, stage, inputs, grad, kwargs, device, raw[i], dtype)
         if not ctx.is_first:
             comm.send(grad_in.cpu(), ctx.rank - 1)
+        trim_heap_every(samples[i].num_tokens)  # as the single-process pass: heap fragmentation, not live bytes
         bar.update()
 
     ctx.watchdog.phase = "the gradient pass"
