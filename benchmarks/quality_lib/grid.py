@@ -83,6 +83,13 @@ VARIANTS: dict[str, tuple[MethodSpec, dict]] = {
     "awq-duo": (replace(METHODS["awq"], name="awq-duo", scale_search=replace(METHODS["awq"].scale_search,
                                                                               duo_scaling=True),
                         summary="AWQ with AutoAWQ's duo scaling"), {}),
+    # W4A8 (scales searched before the solver): AWQ's block-output loss instead of each linear's own
+    "tlq-block-loss": (replace(METHODS["tlq"], name="tlq-block-loss",
+                               scale_search=replace(METHODS["tlq"].scale_search, block_loss=True),
+                               summary="TLQ with its W4A8 scale search scored on the block output"), {}),
+    "tlq-awq-search": (replace(METHODS["tlq"], name="tlq-awq-search", scale_search=METHODS["awq"].scale_search,
+                               summary="TLQ with AWQ's own W4A8 scale search (block loss, plain statistic, "
+                                       "RTN judge)"), {}),
     "tlq-act-order": (METHODS["tlq"], {"act_order": True}),
     "gptq-act-order": (METHODS["gptq"], {"act_order": True}),
     # GPTQ after AWQ's input scaling (uniform weights, quantized inputs): how much of TLQ's gain is the scaling?
