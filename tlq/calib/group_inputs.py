@@ -56,17 +56,20 @@ def search_samples(lengths: list[int], mass: list[float], budget: int, seed: int
 def stream_group(calib_layer: nn.Module, fp_layer: nn.Module | None, name: str, calib: list[torch.Tensor],
                  fp: list[torch.Tensor] | None, kwargs: list[dict], device: str, *, weights: torch.Tensor | None,
                  keep: torch.Tensor | None, act_quant: bool, batch_tokens: int, search: list[int] | None,
-                 activation_stat: bool = False) -> GroupData:
+                 activation_stat: bool = False, projections: list[torch.Tensor] | None = None) -> GroupData:
     """Statistics of module `name`'s inputs over every sample, plus the rows of the `search` samples.
 
     calib_layer / calib: where and on what the calibration-path inputs are read; fp_layer / fp: the
     float path (corrected exposure), else None. weights: [T] token weights over all samples, or None.
     keep: [T] bool mask of the kept tokens, or None for all. search: sample indices whose rows
     GroupData.X keeps (None: none needed). activation_stat: also sum w |x| (TLQ's in-loop scale search).
+    projections: the group's float weights when the float-path moment is kept projected through them
+    (tlq/quant/statistics.py, `projects_cross`), else None.
     """
     lengths = [h.shape[-2] for h in calib]
     starts = torch.tensor([0] + lengths).cumsum(0).tolist()
-    stats = InputStatistics(weighted=weights is not None, cross=fp_layer is not None, activation_stat=activation_stat)
+    stats = InputStatistics(weighted=weights is not None, cross=fp_layer is not None, activation_stat=activation_stat,
+                            projections=projections)
     wanted = set(search or [])
     rows, row_weights = [], []
     for batch in token_batches(lengths, batch_tokens):

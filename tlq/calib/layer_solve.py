@@ -22,6 +22,7 @@ from tlq.calib.solved_scaling import GroupSolution, fold_into_previous, solve_gr
 from tlq.calib.timing import timed
 from tlq.quant.qparams import QuantizedWeight, quantize_activations_int8
 from tlq.quant.solvers import SOLVERS, SolverSettings
+from tlq.quant.statistics import projects_cross
 
 
 @dataclass
@@ -78,6 +79,15 @@ def select_tokens(w: torch.Tensor, drop_below: float, max_tokens: int | None, se
     return None if len(keep) == len(w) else keep
 
 
+def cross_projections(layer: nn.Module, names: tuple[str, ...], device: str) -> list[torch.Tensor] | None:
+    """The group's weights when its float-path moment is cheaper kept projected through them
+    (tlq/quant/statistics.py: the down projection, whose inputs outnumber its outputs), else None."""
+    weights = [get_submodule(layer, n).weight for n in names]
+    if not projects_cross(weights[0].shape[1], sum(W.shape[0] for W in weights)):
+        return None
+    return [W.detach().to(device) for W in weights]
+
+
 def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, adapter: ModelAdapter,
                     cfg: CalibConfig, dtype: torch.dtype, layer_seed: int
                     ) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], list]:
@@ -123,7 +133,9 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
                                 fp_scaled if method.exposure == "corrected" else None, group.names[0],
                                 inputs.calib, inputs.fp, inputs.kwargs, device, weights=w, keep=keep,
                                 act_quant=not scheme.weight_only, batch_tokens=cfg.batch_tokens,
-                                search=search if method.clip_search else None, activation_stat=in_loop)
+                                search=search if method.clip_search else None, activation_stat=in_loop,
+                                projections=cross_projections(layer, group.names, device)
+                                if method.exposure == "corrected" else None)
         if in_loop:
             solution = solve_group(layer, group, data, cfg, dtype, settings,
                                    seed=layer_seed * len(adapter.linear_groups) + index)  # a draw per group

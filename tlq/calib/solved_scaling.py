@@ -122,14 +122,15 @@ def proxy_scale(Ws: list[torch.Tensor], stats: InputStatistics, cfg: CalibConfig
 
 
 class OutputError:
-    """E(Q) - E(W) of the module docstring for one linear (W [N, K] float, unscaled coordinates)."""
+    """E(Q) - E(W) of the module docstring for one linear (W [N, K] float, unscaled coordinates) on its
+    rows `rows` (None: every row; the Q it scores are those rows' solutions)."""
 
-    def __init__(self, W: torch.Tensor, stats: InputStatistics, damp: float):
+    def __init__(self, W: torch.Tensor, stats: InputStatistics, damp: float, rows: torch.Tensor | None = None):
         gram = stats.gram_factor(damp)  # before the GPTQ factor consumes M
-        self.L, self.lam, self.W = gram.L, gram.lam, W.to(gram.L)
-        W = self.W
-        # W A - W C/S; zero without the float path (C/S = A)
-        self.pull = None if gram.C is None else (W @ stats.M) / stats.S - W @ gram.C.to(W)
+        W = W.to(gram.L)
+        self.L, self.lam, self.W = gram.L, gram.lam, take_rows(W, rows)[0]
+        # W A - W C/S; zero without the float path (C/S = A). A projected moment is found by the whole W.
+        self.pull = None if not gram.has_cross else (self.W @ stats.M) / stats.S - gram.pulled(W, rows)
 
     def __call__(self, Q: torch.Tensor) -> float:
         D = Q.to(self.W) - self.W
@@ -183,7 +184,7 @@ def judge_on_rows(Ws: dict[str, torch.Tensor], rows: dict[str, torch.Tensor | No
     times N / r, then the winner solved in full (a linear judged on every row keeps its solution)."""
     stats = data.statistics()
     with timed("scale search"):
-        errors = {n: OutputError(take_rows(W, rows[n])[0], stats, settings.damp) for n, W in Ws.items()}
+        errors = {n: OutputError(W, stats, settings.damp, rows[n]) for n, W in Ws.items()}
     with timed("solve"):
         targets, settings = exposure_targets(Ws, stats, settings)
     with timed("scale search"):

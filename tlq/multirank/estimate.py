@@ -57,6 +57,7 @@ from tlq.calib.gradient_pass import GRADIENT_STREAMS
 from tlq.calib.group_inputs import token_batches
 from tlq.calib.rss import MMAP_THRESHOLD
 from tlq.calib.streams import LOOP_STREAMS, should_spill
+from tlq.quant.statistics import projects_cross
 from tlq.errors import TLQError
 
 # without a processor: byte-level BPE averages about 4 bytes of English per token, so 3 leans high;
@@ -202,7 +203,8 @@ def _groups(adapter, layer) -> list[GroupShape]:
     return out
 
 
-def solve_bytes(K: int, N: int, corrected: bool, act_order: bool, cuda: bool = False) -> int:
+def solve_bytes(K: int, N: int, corrected: bool, act_order: bool, cuda: bool = False, n_sum: int | None = None,
+                b: int = 2) -> int:
     """Peak of solving one linear [N, K] from its group's statistics (tlq/quant/weighted_gptq.py,
     statistics.py, gptq.py; Q = one K x K fp32 matrix). Factorisations run in place without
     temporaries (the exposure factor is built in column-major storage; the GPTQ factor's Cholesky
@@ -212,12 +214,18 @@ def solve_bytes(K: int, N: int, corrected: bool, act_order: bool, cuda: bool = F
     from M holds H, its factor and the exposure factor (3 Q; on the CPU C stays: 4 Q; act-order
     keeps a permuted copy of H, +1); then GPTQ with U, the exposure factor and C (3 Q) and the
     weight, its target, the working copy, codes, Q and the lazy update (6 N x K). Without
-    correction: H and its factor (2 Q), then U beside the N x K matrices."""
+    correction: H and its factor (2 Q), then U beside the N x K matrices. A group whose float-path
+    moment is kept projected (`n_sum` outputs in all, tlq/quant/statistics.projects_cross) holds the
+    P_i and the weights they are matched by (n_sum x K, fp32 and b bytes) where C is counted, and a
+    GPU copies one linear's P back instead of C."""
     q, nk = K * K * F32, N * K * F32
     permute = q if act_order else 0
     if corrected:
-        factor = (3 if cuda else 4) * q + permute + 2 * nk
-        return max(3 * q + 4 * nk, factor, 3 * q + 6 * nk)
+        projected = n_sum is not None and projects_cross(K, n_sum)
+        held = n_sum * K * (F32 + b) if projected else q
+        copy = nk if projected else q
+        factor = 3 * q + (0 if cuda else held) + permute + 2 * nk
+        return max(2 * q + held + 4 * nk, factor, 2 * q + (copy if cuda else held) + 6 * nk)
     return max(2 * q + permute + nk, q + 5 * nk)
 
 
@@ -241,7 +249,8 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
     for g in groups:
         K, N, n_sum = g.K, max(g.outs), sum(g.outs)
         q, rows = K * K * F32, st * K * F32
-        solve = solve_bytes(K, N, corrected, cfg.act_order, cuda) if gptq else 3 * N * K * F32
+        solve = solve_bytes(K, N, corrected, cfg.act_order, cuda, n_sum, b) if gptq else 3 * N * K * F32
+        cross = n_sum * K * (F32 + b) if projects_cross(K, n_sum) else q  # C, or the projected W_i C
         # TLQ weight-only: scales judged in the loop from the statistics (tlq/calib/solved_scaling.py):
         # beside the solve (which counts one float weight), the group's other float weights, each
         # linear's error pull with the float path (N x K each), the unscaled solution's codes while the
@@ -274,7 +283,7 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
         # streamed statistics: one batch gathered (and its float-path twin), weighted copy; M and C
         batch = bt * K * F32
         clip_rows = rows if method.clip_search else 0
-        stats = (2 if corrected else 1) * q
+        stats = q + (cross if corrected else 0)
         gathered = (2 + corrected + aq) * batch  # list + concatenation of X, then X_fp beside X
         on_device = (1 + corrected + weighted) * batch  # X, X_fp and the weighted X in `add`
         streaming = stats + (on_device + forward if cuda else max(gathered, on_device)) + clip_rows

@@ -8,8 +8,17 @@ the calibration path and x_fp,t on the float path (corrected exposure only):
                           when asked for, `activation_stat`)
 
 Then H = 2 M / S is the (token-weighted) GPTQ Hessian, and the exposure-corrected target needs only
-M / S and C / S (tlq/quant/weighted_gptq.py). Inputs are folded in batch by batch (`add`) and
-dropped, so memory is two K x K fp32 matrices whatever the number of calibration tokens. One
+M / S and, for each linear W_i of the group, W_i C / S (tlq/quant/weighted_gptq.py).
+
+Projected cross moment. C is only ever read as W_i C, so when the group's outputs are few against its
+inputs (`projects_cross`: 2 sum_i N_i <= K, the MLP's down projection, whose K is the MLP width) the
+statistics keep P_i = W_i C = sum_t w_t (W_i x_fp,t) x_t^T [N_i, K] instead of C [K, K]: 4 N K
+instead of 2 K^2 flops per token, and N K instead of K^2 floats (Qwen2-VL-7B's down_proj: 0.27 against
+1.43 GB). The weights are the group's float weights when its inputs are gathered; a solve asks for
+W C / S with the same W and gets P_i / S (`ExposureFactor.pulled`, matched by value). Equal to W (C / S)
+within float rounding (the products are associated the other way). Inputs are folded in batch by batch (`add`) and
+dropped, so memory is two K x K fp32 matrices (or M and the P_i) whatever the number of
+calibration tokens. One
 batch gives exactly the matrices `X^T (w * X)` of the all-at-once formulas (bit-identical); more
 batches sum the same products in another order (equal within float rounding).
 
@@ -19,7 +28,8 @@ for corrected exposure: M, C and the exposure factor (3 K x K), then C moves to 
 M becomes H and is factored (H + its factor + the exposure factor: 3), then H is freed; without
 exposure at most 2. On the CPU C simply stays (4 at the GPTQ factorisation). TLQ's row-subsampled
 scale judge drops C once the exposure targets are formed (`drop_cross`), then parks a copy of the
-unscaled GPTQ factor in host memory while it solves scaled (`scaled_inputs`; on the CPU: 3).
+unscaled GPTQ factor in host memory while it solves scaled (`scaled_inputs`; on the CPU: 3). A
+projected group holds the P_i (sum_i N_i x K) wherever the above holds C.
 """
 from __future__ import annotations
 
@@ -39,13 +49,34 @@ class ExposureFactor:
 
     Attributes:
         L: lower Cholesky factor of A + lam I, A = M / S.
-        C: C / S [K, K] (float-path x calibration-path moment).
+        C: C / S [K, K] (float-path x calibration-path moment), or None when it is kept projected.
         lam: the ridge lam = damp * mean(diag A).
     """
 
     L: torch.Tensor
-    C: torch.Tensor
+    C: torch.Tensor | None
     lam: torch.Tensor
+    projected: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (W_i, W_i C / S) instead of C
+
+    @property
+    def has_cross(self) -> bool:
+        return self.C is not None or bool(self.projected)
+
+    def pulled(self, W: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(W C / S)[rows] for one of the group's linears W [N, K] (float); rows None: every row."""
+        if self.C is not None:
+            return (W if rows is None else W[rows.to(W.device)]) @ self.C.to(W.device)
+        for ref, P in self.projected or []:
+            if ref.shape == W.shape and torch.equal(ref.float(), W.to(ref.device, torch.float32)):
+                return (P if rows is None else P[rows.to(P.device)]).to(W.device)
+        raise TLQError("the group's float-path moment was kept projected through its weights, and this weight is "
+                       "none of them (or it was dropped: drop_cross)")
+
+
+def projects_cross(K: int, rows: int) -> bool:
+    """Whether a group with K inputs and `rows` outputs in all keeps its float-path moment projected
+    (module docstring): smaller than C, and no dearer to accumulate, when 2 rows <= K."""
+    return 2 * rows <= K
 
 
 def check_token_weights(n_tokens: int, w: torch.Tensor | None) -> torch.Tensor | None:
@@ -62,10 +93,16 @@ def check_token_weights(n_tokens: int, w: torch.Tensor | None) -> torch.Tensor |
 class InputStatistics:
     """M, C and S of the module docstring, accumulated batch by batch on `device`."""
 
-    def __init__(self, weighted: bool, cross: bool, activation_stat: bool = False):
+    def __init__(self, weighted: bool, cross: bool, activation_stat: bool = False,
+                 projections: list[torch.Tensor] | None = None):
+        """projections: the group's weights W_i [N_i, K] (on the statistics' device; copied) when the
+        float-path moment is kept projected, P_i = W_i C (module docstring); None keeps C."""
         self.weighted, self.cross, self.activation_stat = weighted, cross, activation_stat
         self.M: torch.Tensor | None = None
         self.C: torch.Tensor | None = None
+        # copies in the weights' own dtype (half of P's bytes in bf16), raised to fp32 batch by batch
+        self.projections = [W.detach().clone() for W in projections] if cross and projections else None
+        self.P: list[torch.Tensor] | None = None
         self.S: torch.Tensor | float = 0.0
         self.abs_sum: torch.Tensor | None = None
         self.tokens = 0
@@ -75,8 +112,9 @@ class InputStatistics:
 
     @classmethod
     def from_tensors(cls, X: torch.Tensor, w: torch.Tensor | None = None, X_fp: torch.Tensor | None = None,
-                     activation_stat: bool = False) -> InputStatistics:
-        stats = cls(weighted=w is not None, cross=X_fp is not None, activation_stat=activation_stat)
+                     activation_stat: bool = False, projections: list[torch.Tensor] | None = None) -> InputStatistics:
+        stats = cls(weighted=w is not None, cross=X_fp is not None, activation_stat=activation_stat,
+                    projections=projections)
         stats.add(X, w, X_fp)
         return stats
 
@@ -90,13 +128,20 @@ class InputStatistics:
             raise TLQError(f"FP inputs {tuple(X_fp.shape)} and exposed inputs {tuple(X.shape)} differ; "
                            "both paths must see the same tokens")
         Dx = X if w is None else X * w[:, None]
+        X_fp = None if X_fp is None else X_fp.float().reshape(-1, X.shape[-1])
         if self.M is None:  # the first batch: exactly the all-at-once product
             self.M = X.T @ Dx
-            self.C = None if X_fp is None else X_fp.float().reshape(-1, X.shape[-1]).T @ Dx
+            if X_fp is not None and self.projections is None:
+                self.C = X_fp.T @ Dx
+            elif X_fp is not None:  # (X_fp W_i^T)^T D X: the float path's outputs of linear i against X
+                self.P = [(X_fp @ W.float().T).T @ Dx for W in self.projections]
         else:
             self.M.addmm_(X.T, Dx)
-            if X_fp is not None:
-                self.C.addmm_(X_fp.float().reshape(-1, X.shape[-1]).T, Dx)
+            if X_fp is not None and self.projections is None:
+                self.C.addmm_(X_fp.T, Dx)
+            elif X_fp is not None:
+                for P, W in zip(self.P, self.projections):
+                    P.addmm_((X_fp @ W.float().T).T, Dx)
         if self.activation_stat:  # w >= 0, so |w x| = w |x|; the weighted copy is ours, taken in place
             batch_abs = (Dx.abs() if w is None else Dx.abs_()).sum(0)
             self.abs_sum = batch_abs if self.abs_sum is None else self.abs_sum + batch_abs
@@ -131,7 +176,7 @@ class InputStatistics:
 
     def exposure_factor(self, damp: float) -> ExposureFactor:
         """The exposure target's shared factor (cached); C is normalised in place (not needed otherwise)."""
-        if damp not in self._exposure and self.C is None:
+        if damp not in self._exposure and self.C is None and self.P is None:
             raise TLQError("exposure correction needs the float path's inputs; none were collected")
         return self.gram_factor(damp)
 
@@ -152,13 +197,16 @@ class InputStatistics:
         _, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
         if info != 0:
             raise TLQError("exposure correction: the exposed-input Gram matrix is singular; raise damp")
-        C = None
+        C = projected = None
         if self.C is not None:
             self.C.div_(self.S)
             # on a GPU, C waits in host memory while GPTQ's factor is built (one K x K less on the device)
             C = self.C.cpu() if self.C.device.type != "cpu" else self.C
             self.C = None
-        self._exposure[damp] = ExposureFactor(A, C, lam)
+        if self.P is not None:  # host-parked on a GPU as C is, with the weights they are matched by
+            projected = [(W.cpu(), P.div_(self.S).cpu()) for W, P in zip(self.projections, self.P)]
+            self.P = self.projections = None
+        self._exposure[damp] = ExposureFactor(A, C, lam, projected)
         return self._exposure[damp]
 
     def gptq_factor(self, damp: float, act_order: bool) -> HessianFactor:
@@ -204,10 +252,10 @@ class InputStatistics:
         """Free C / S once every exposure target of the group is formed (one K x K less); later solves must
         not correct exposure again."""
         for factor in self._exposure.values():
-            factor.C = None
+            factor.C = factor.projected = None
 
     def release(self) -> None:
         """Drop every K x K buffer (the group is solved)."""
-        self.M = self.C = None
+        self.M = self.C = self.P = self.projections = None
         self._exposure.clear()
         self._gptq.clear()

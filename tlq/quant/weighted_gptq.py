@@ -47,11 +47,11 @@ def exposure_target(W: torch.Tensor, factor: ExposureFactor, strength: float = 1
     W = W.float()
     if strength == 0.0:
         return W.clone()
-    if factor.C is None:
+    if not factor.has_cross:
         raise TLQError("exposure target requested after the group's float-path moment was dropped (drop_cross)")
     # W* (A + lam I) = W C + lam W  (A symmetric)  ->  solve (A + lam I) W*^T = (W C + lam W)^T
-    C = factor.C.to(W.device)  # a device copy while this linear's target is formed (host-parked on GPUs)
-    W_star = torch.cholesky_solve((W @ C + factor.lam * W).T, factor.L).T
+    # (C or this linear's projected W C: a device copy while its target is formed, host-parked on GPUs)
+    W_star = torch.cholesky_solve((factor.pulled(W) + factor.lam * W).T, factor.L).T
     return W + strength * (W_star - W)
 
 
