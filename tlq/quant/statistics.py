@@ -13,8 +13,8 @@ M / S and, for each linear W_i of the group, W_i C / S (tlq/quant/weighted_gptq.
 Projected cross moment. C is only ever read as W_i C, so when the group's outputs are few against its
 inputs (`projects_cross`: 2 sum_i N_i <= K, the MLP's down projection, whose K is the MLP width) the
 statistics keep P_i = W_i C = sum_t w_t (W_i x_fp,t) x_t^T [N_i, K] instead of C [K, K]: 4 N K
-instead of 2 K^2 flops per token, and N K instead of K^2 floats (Qwen2-VL-7B's down_proj: 0.27 against
-1.43 GB). The weights are the group's float weights when its inputs are gathered; a solve asks for
+instead of 2 K^2 flops per token, and N K instead of K^2 floats (Qwen2-VL-7B's down_proj: 0.25 against
+1.34 GiB). The weights are the group's float weights when its inputs are gathered; a solve asks for
 W C / S with the same W and gets P_i / S (`ExposureFactor.pulled`, matched by value). Equal to W (C / S)
 within float rounding (the products are associated the other way). Inputs are folded in batch by batch (`add`) and
 dropped, so memory is two K x K fp32 matrices (or M and the P_i) whatever the number of
