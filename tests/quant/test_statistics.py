@@ -56,3 +56,20 @@ def test_a_projected_moment_serves_only_its_own_weights():
     stats.drop_cross()
     with pytest.raises(TLQError, match="dropped"):
         exposure_target(Ws[0], factor)
+
+
+def test_wide_M_is_accumulated_on_its_upper_blocks_and_read_whole(monkeypatch):
+    from tlq.quant import statistics
+    monkeypatch.setattr(statistics, "SYMMETRIC_BLOCK", 32)  # K = 96: three blocks
+    assert statistics.symmetric_blocks(96) == [(0, 32), (32, 64), (64, 96)]
+    assert statistics.symmetric_blocks(64) is None
+    X_q, X_fp, w, _ = _group()
+    want = X_q.T @ (X_q * w[:, None])
+    stats = InputStatistics(weighted=True, cross=True)
+    stats.add(X_q[:300], w[:300], X_fp[:300])
+    half = X_q[:300].T @ (X_q[:300] * w[:300, None])
+    torch.testing.assert_close(stats.M, half, rtol=1e-5, atol=1e-4)  # read between batches: whole
+    stats.add(X_q[300:], w[300:], X_fp[300:])  # the lower blocks are stale again until read
+    torch.testing.assert_close(stats.M, want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(stats.M, stats.M.T)
+    torch.testing.assert_close(stats.hessian(), 2 * want / w.sum(), rtol=1e-5, atol=1e-4)
