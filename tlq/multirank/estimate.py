@@ -286,6 +286,8 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
         stats = q + (cross if corrected else 0)
         gathered = (2 + corrected + aq) * batch  # list + concatenation of X, then X_fp beside X
         on_device = (1 + corrected + weighted) * batch  # X, X_fp and the weighted X in `add`
+        if corrected and projects_cross(K, n_sum):  # a projected moment: W in fp32 and W x_fp of the batch
+            on_device += N * K * F32 + bt * N * F32
         streaming = stats + (on_device + forward if cuda else max(gathered, on_device)) + clip_rows
         work = max(work, own + float_copy + streaming, own + float_copy + clip_rows + solve)
         host = max(host, gathered + 2 * clip_rows)
