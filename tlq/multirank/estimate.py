@@ -57,8 +57,8 @@ from tlq.calib.gradient_pass import GRADIENT_STREAMS
 from tlq.calib.group_inputs import token_batches
 from tlq.calib.rss import MMAP_THRESHOLD
 from tlq.calib.streams import LOOP_STREAMS, should_spill
-from tlq.quant.statistics import projects_cross
 from tlq.errors import TLQError
+from tlq.quant.statistics import projects_cross
 
 # without a processor: byte-level BPE averages about 4 bytes of English per token, so 3 leans high;
 # each chat turn adds its role markers
@@ -203,6 +203,12 @@ def _groups(adapter, layer) -> list[GroupShape]:
     return out
 
 
+def cross_bytes(K: int, n_sum: int, b: int) -> int:
+    """A group's float-path moment: C (K x K fp32), or the projected P_i with the weights they are
+    matched by (n_sum x K, fp32 and b bytes; tlq/quant/statistics.projects_cross)."""
+    return n_sum * K * (F32 + b) if projects_cross(K, n_sum) else K * K * F32
+
+
 def solve_bytes(K: int, N: int, corrected: bool, act_order: bool, cuda: bool = False, n_sum: int | None = None,
                 b: int = 2) -> int:
     """Peak of solving one linear [N, K] from its group's statistics (tlq/quant/weighted_gptq.py,
@@ -222,7 +228,7 @@ def solve_bytes(K: int, N: int, corrected: bool, act_order: bool, cuda: bool = F
     permute = q if act_order else 0
     if corrected:
         projected = n_sum is not None and projects_cross(K, n_sum)
-        held = n_sum * K * (F32 + b) if projected else q
+        held = cross_bytes(K, n_sum, b) if projected else q
         copy = nk if projected else q
         factor = 3 * q + (0 if cuda else held) + permute + 2 * nk
         return max(2 * q + held + 4 * nk, factor, 2 * q + (copy if cuda else held) + 6 * nk)
@@ -250,7 +256,6 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
         K, N, n_sum = g.K, max(g.outs), sum(g.outs)
         q, rows = K * K * F32, st * K * F32
         solve = solve_bytes(K, N, corrected, cfg.act_order, cuda, n_sum, b) if gptq else 3 * N * K * F32
-        cross = n_sum * K * (F32 + b) if projects_cross(K, n_sum) else q  # C, or the projected W_i C
         # TLQ weight-only: scales judged in the loop from the statistics (tlq/calib/solved_scaling.py):
         # beside the solve (which counts one float weight), the group's other float weights, each
         # linear's error pull with the float path (N x K each), the unscaled solution's codes while the
@@ -283,7 +288,7 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
         # streamed statistics: one batch gathered (and its float-path twin), weighted copy; M and C
         batch = bt * K * F32
         clip_rows = rows if method.clip_search else 0
-        stats = q + (cross if corrected else 0)
+        stats = q + (cross_bytes(K, n_sum, b) if corrected else 0)
         gathered = (2 + corrected + aq) * batch  # list + concatenation of X, then X_fp beside X
         on_device = (1 + corrected + weighted) * batch  # X, X_fp and the weighted X in `add`
         if corrected and projects_cross(K, n_sum):  # a projected moment: W in fp32 and W x_fp of the batch

@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -88,7 +89,7 @@ def symmetric_blocks(K: int) -> list[tuple[int, int]] | None:
     if n < 3:
         return None
     edges = [round(i * K / n) for i in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(pairwise(edges))
 
 
 def projects_cross(K: int, rows: int) -> bool:
@@ -154,7 +155,7 @@ class InputStatistics:
         elif first:
             self._M = torch.zeros(X.shape[-1], X.shape[-1], dtype=X.dtype, device=X.device)
         if blocks is not None:
-            self._add_upper(X, Dx)
+            self._add_upper(X, Dx, blocks)
         elif not first:
             self._M.addmm_(X.T, Dx)
         if X_fp is not None and self.projections is None:
@@ -174,9 +175,8 @@ class InputStatistics:
         self.S = self.S + (X.shape[0] if w is None else w.sum())
         self.tokens += X.shape[0]
 
-    def _add_upper(self, X: torch.Tensor, Dx: torch.Tensor) -> None:
-        """M += X^T Dx on the blocks on and above the diagonal only (`symmetric_blocks`)."""
-        edges = symmetric_blocks(X.shape[-1])
+    def _add_upper(self, X: torch.Tensor, Dx: torch.Tensor, edges: list[tuple[int, int]]) -> None:
+        """M += X^T Dx on the blocks `edges` (`symmetric_blocks`) on and above the diagonal only."""
         for i, (a, b) in enumerate(edges):
             for c, d in edges[i:]:
                 self._M[a:b, c:d].addmm_(X[:, a:b].T, Dx[:, c:d])
