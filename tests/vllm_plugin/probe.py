@@ -11,8 +11,10 @@ job.json: {"models": [{"name": "q4", "path": "...", "env": {"TLQ_LINEAR_BACKEND"
            "llm_kwargs": {"tensor_parallel_size": 2, ...}}
 out.json: {"q4": {"dtype": "torch.bfloat16", "outputs": [{"tokens": [...], "top": [{"id": lp}, ...]}]},
            "bad": {"error": "CheckpointError: ..."}}
-A model that fails to load is reported with its error and the run goes on. Multiprocess
-tensor parallelism re-imports this module in every worker: keep work under the __main__ guard.
+A model that fails to load is reported with its error and the run goes on. Each model that is
+done prints one `tlq-probe: done <name>` line to stderr, so a caller can tell a slow machine (lines
+keep coming) from a hung engine (they stop). Multiprocess tensor parallelism re-imports this module
+in every worker: keep work under the __main__ guard.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from tlq.atomic import write_json_atomic
 
+PROGRESS_MARK = "tlq-probe: done "
 DEFAULT_LLM_KWARGS = {"enforce_eager": True, "max_model_len": 1024, "limit_mm_per_prompt": {"image": 1},
                       "seed": 0}
 
@@ -77,6 +80,7 @@ def run_job(job: dict) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported per model; the caller asserts on it
             report[model["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
+            print(f"{PROGRESS_MARK}{model['name']} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
             del llm
             gc.collect()
             for k, v in saved.items():
