@@ -157,8 +157,8 @@ def call_overhead(n: int = 2000) -> str:
     """What the plugin adds per linear call at batch 1: its `apply` against the vLLM kernel's own
     `apply_weights` on the same prepared layer (medium widths, in this process, best of 5)."""
     import torch
-
     import vllm.model_executor.parameter as vp
+
     from tlq.quant.qparams import quantize_rtn
     from vllm_plugin import backends
     from vllm_plugin.spec import ServeSpec

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-import tlq.atomic as atomic
+from tlq import atomic
 from tlq.atomic import save_torch_atomic, write_file_atomic
 from tlq.errors import TLQError
 

@@ -96,9 +96,8 @@ def write_atomic(path: Path | str, write: Callable[[BinaryIO], object]) -> None:
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with disk_full_guard(path.parent, needed):
-            with os.fdopen(fd, "wb") as f:
-                write(f)
+        with disk_full_guard(path.parent, needed), os.fdopen(fd, "wb") as f:
+            write(f)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints and data are shared read-only folders
         os.replace(tmp, path)
     except BaseException:

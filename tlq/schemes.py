@@ -38,7 +38,7 @@ class QuantScheme:
     def weight_only(self) -> bool:
         return self.act_bits >= 16
 
-    def with_overrides(self, group_size: int | None = None, symmetric: bool | None = None) -> "QuantScheme":
+    def with_overrides(self, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
         if self.act_bits == 8 and group_size not in (None, -1):
             raise TLQError(f"scheme {self.name} uses per-channel weights; drop --group-size "
                            "(int8 activation kernels take per-channel scales only)")

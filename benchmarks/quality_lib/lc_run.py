@@ -34,14 +34,13 @@ import time
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, fake_quantize
-from safetensors.torch import save_file
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 QPARAM_PREFIXES = ("weight_", "input_", "output_")
 LM_INPUTS = ("inputs_embeds", "position_ids", "attention_mask")

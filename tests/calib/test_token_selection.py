@@ -17,7 +17,7 @@ def test_select_tokens_drops_and_subsamples_with_a_seed():
 
 
 def test_max_tokens_is_honoured_by_a_uniform_weight_method(qwen2_vl_dir, tmp_path):
-    run = lambda name, **kw: tensor_hashes(tlq.calibrate(qwen2_vl_dir, out=tmp_path / name, method="gptq",  # noqa: E731
+    run = lambda name, **kw: tensor_hashes(tlq.calibrate(qwen2_vl_dir, out=tmp_path / name, method="gptq",
                                                          max_samples=2, progress=False, **kw))
     full, few, many = run("full"), run("few", max_tokens=16), run("many", max_tokens=10**9)
     assert full == many  # a cap above the token count keeps every token

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tlq.calib.config import CalibConfig, get_method
+from tlq.cli import main
 from tlq.multirank.estimate import (
     GIB,
     estimate_memory,
@@ -14,9 +15,7 @@ from tlq.multirank.estimate import (
     search_tokens,
     solve_bytes,
 )
-from tlq.cli import main
 from tlq.schemes import get_scheme
-
 
 CONFIGS = Path(__file__).parent / "configs"  # config.json only: the published shapes, no weights
 # parameters of the published checkpoints (model cards), vision tower and embeddings included

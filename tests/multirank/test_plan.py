@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from tlq.adapters import adapter_by_name
+from tlq.errors import TLQError
 from tlq.multirank.launch import PORTS, free_port, strip_nproc, torchrun_command
 from tlq.multirank.plan import owner, split_layers
-from tlq.errors import TLQError
 
 
 def _stage_costs(stages, sizes, first, last):

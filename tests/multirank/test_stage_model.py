@@ -6,9 +6,9 @@ import torch
 from tlq.calib.capture import capture_inputs
 from tlq.data.calib import bundled_calibration_path, load_calibration
 from tlq.data.processing import encode_sample
+from tlq.model_io import open_source_model
 from tlq.multirank.plan import plan_stages, tensor_bytes
 from tlq.multirank.stage_model import LoadRecord, build_skeleton, materialize, share
-from tlq.model_io import open_source_model
 
 
 def _stage_model(source, world, rank):

@@ -155,7 +155,7 @@ def weight_statistics(weights: list[dict], modalities: list[torch.Tensor]) -> di
     """Token counts per modality and weight quantiles per modality (for the manifest)."""
     modality = torch.cat(modalities)
     allw = torch.stack([torch.cat([w[k] for w in weights]) for k in weights[0]]).mean(0)
-    stats = {"tokens": int(len(modality)), "tokens_per_modality": {}, "weight_quantiles": {}}
+    stats = {"tokens": len(modality), "tokens_per_modality": {}, "weight_quantiles": {}}
     qs = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])
     for m, name in MODALITY_NAMES.items():
         mask = modality == m

@@ -64,7 +64,7 @@ def run_layer(layer: nn.Module, hidden, kwargs: list[dict], device: str, into=No
 
 def add_activation_quant(layer: nn.Module, names) -> list:
     """Per-token int8 fake quantization of the inputs of `names` (the a8 of w4a8)."""
-    hook = lambda module, args: (quantize_activations_int8(args[0]),) + tuple(args[1:])  # noqa: E731
+    hook = lambda module, args: (quantize_activations_int8(args[0]),) + tuple(args[1:])
     return [get_submodule(layer, n).register_forward_pre_hook(hook) for n in names]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,22 +16,22 @@ def calibrate(
     out: Path = typer.Option(..., "--out", "-o", help="checkpoint folder to write"),
     method: str = typer.Option("tlq", help=f"one of: {', '.join(METHODS)}"),
     scheme: str = typer.Option("w4a16", help=f"one of: {', '.join(SCHEMES)}"),
-    group_size: Optional[int] = typer.Option(None, help="override the scheme's group size (-1 = per channel)"),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="override the scheme's symmetry"),
-    calib: Optional[Path] = typer.Option(None, help="calibration JSONL (default: the bundled set)"),
-    max_samples: Optional[int] = typer.Option(None, help="use at most this many samples"),
+    group_size: int | None = typer.Option(None, help="override the scheme's group size (-1 = per channel)"),
+    sym: bool | None = typer.Option(None, "--sym/--asym", help="override the scheme's symmetry"),
+    calib: Path | None = typer.Option(None, help="calibration JSONL (default: the bundled set)"),
+    max_samples: int | None = typer.Option(None, help="use at most this many samples"),
     seed: int = typer.Option(0, help="seed for every random choice"),
     device: str = typer.Option("cpu", help="compute device for the layer being calibrated: cpu or cuda"),
     act_order: bool = typer.Option(False, help="GPTQ act-order (writes g_idx)"),
-    damp: Optional[float] = typer.Option(None, help="GPTQ damping, fraction of the mean Hessian diagonal "
+    damp: float | None = typer.Option(None, help="GPTQ damping, fraction of the mean Hessian diagonal "
                                          "(default: the method's, 0.01; tlq 0.1)"),
-    exposure_strength: Optional[float] = typer.Option(None, help="share of the corrected-exposure shift applied, "
+    exposure_strength: float | None = typer.Option(None, help="share of the corrected-exposure shift applied, "
                                                       "0..1 (default: the method's; tlq 0.5)"),
-    importance: Optional[str] = typer.Option(None, help="override token weighting: uniform|modality|modality_prior|token"),
-    exposure: Optional[str] = typer.Option(None, help="override exposure: fp|quantized|corrected"),
-    input_scaling: Optional[str] = typer.Option(None, help="override input scaling: none|awq|smoothquant|auto "
+    importance: str | None = typer.Option(None, help="override token weighting: uniform|modality|modality_prior|token"),
+    exposure: str | None = typer.Option(None, help="override exposure: fp|quantized|corrected"),
+    input_scaling: str | None = typer.Option(None, help="override input scaling: none|awq|smoothquant|auto "
                                                 "(auto: awq where activations are quantized)"),
-    max_tokens: Optional[int] = typer.Option(None, help="token-level calibration set: keep at most N tokens per layer"),
+    max_tokens: int | None = typer.Option(None, help="token-level calibration set: keep at most N tokens per layer"),
     drop_below: float = typer.Option(0.0, help="token-level calibration set: drop tokens with weight below this"),
     batch_tokens: int = typer.Option(8192, help="tokens per batch when a linear group's inputs are streamed into "
                                      "its statistics (memory: batch x K fp32; nothing grows with calibration tokens)"),
@@ -44,17 +43,17 @@ def calibrate(
     host_memory: float = typer.Option(16.0, help="GiB of host RAM a process may use beyond its weights; the "
                                       "hidden-state streams are spilled to files in the work folder when they "
                                       "would take more than half of it (same checkpoint)"),
-    max_pixels: Optional[int] = typer.Option(None, help="downscale calibration images above this many pixels "
+    max_pixels: int | None = typer.Option(None, help="downscale calibration images above this many pixels "
                                              "(aspect kept) before the processor; default: the processor's own "
                                              "bound (Qwen2-VL-7B-Instruct: max_pixels 12845056; LLaVA-OneVision: "
                                              "anyres_max_9, base image + at most 9 tiles)"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
     resume: bool = typer.Option(True, help="continue an interrupted run from its last finished layer"),
     dry_run: bool = typer.Option(False, help="print the peak memory estimate and exit"),
-    tokens_per_sample: Optional[int] = typer.Option(None, help="--dry-run only: assume --max-samples samples of "
+    tokens_per_sample: int | None = typer.Option(None, help="--dry-run only: assume --max-samples samples of "
                                                     "this many tokens (a folder without processor or weights)"),
     nproc: int = typer.Option(1, help="layer-sharded calibration over N processes (starts torchrun)"),
-    tp: Optional[int] = typer.Option(None, help="tensor-parallel size you will serve with: warns when a row-parallel "
+    tp: int | None = typer.Option(None, help="tensor-parallel size you will serve with: warns when a row-parallel "
                                      "layer's inputs per rank are not whole groups, and offers a group size that is"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
@@ -112,7 +111,7 @@ def _print_summary(path: Path) -> None:
         for col in ("layer", "vision", "text", "seconds", "peak MB"):
             table.add_column(col, justify="right")
         for row in report["layers"]:
-            fmt = lambda v: "-" if v is None else f"{v:.3e}"  # noqa: E731
+            fmt = lambda v: "-" if v is None else f"{v:.3e}"
             table.add_row(str(row["layer"]), fmt(row["rel_vision"]), fmt(row["rel_text"]),
                           f"{row['seconds']:.2f}", f"{row['peak_mem_mb']:.0f}")
         Console(stderr=True).print(table)

@@ -71,10 +71,10 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from serve.client import Endpoint, file_data_url
     from serve.config import ServeConfig
     from serve.process import ServerDied, ServerProcess
+    from tlq import calibrate
     from tlq.bench import BenchConfig
     from tlq.bench.loadgen import run_bench
     from tlq.calib.config import CalibConfig, get_method
-    from tlq import calibrate
     from tlq.data.calib import bundled_calibration_path
     from tlq.fixtures import ensure_fixture
     from tlq.schemes import get_scheme

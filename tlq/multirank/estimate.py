@@ -433,7 +433,7 @@ def format_estimate(est: MemoryEstimate) -> str:
              _gib(r.host_peak), _gib(r.device_peak)]
             for r in est.ranks]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     lines += [fmt(cols)] + [fmt(row) for row in rows]
     lines.append("extras: rank 0 vision tower + projector + embeddings, last rank final norm + lm_head; "
                  "device peak only for --device cuda (one layer at a time is on the GPU)")
