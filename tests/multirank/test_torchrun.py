@@ -100,7 +100,7 @@ def test_a_dying_rank_stops_the_other_and_the_rerun_resumes(qwen2_vl_dir, refere
     assert died.returncode != 0, died.stderr[-3000:]
     # rank 0 is told in whatever it does after handing its stream to rank 1: still handing it over,
     # writing its shard, or waiting for the others (timing; the first and the last were both seen here)
-    phases = r"(the layer loop \(layers 0-0\)|writing this rank's shard|waiting for the other ranks)"
+    phases = r"(the layer loop \(layers 0-0\)|writing this rank's shard|waiting for the other ranks to finish)"
     assert re.search(rf"error: rank 0/2 stopped during {phases}: ", died.stderr), died.stderr[-3000:]
     assert not out.exists()
     assert not list(tmp_path.glob(".ckpt.tmp-*"))  # rank 0 had written its shard there: removed
