@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from tlq.errors import TLQError
-from tlq.quant.qparams import QuantizedWeight, dequantize_codes, find_params, n_groups, quantize_to_codes
+from tlq.quant.qparams import QuantizedWeight, find_params, max_code, n_groups
 from tlq.schemes import QuantScheme
 
 CHOLESKY_RETRIES = 4
@@ -117,17 +117,24 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor | None, scheme: QuantScheme, scal
     ng = n_groups(K, gs)
     scales = torch.empty(N, ng, device=W.device)
     zeros = None if sym else torch.empty(N, ng, dtype=torch.int32, device=W.device)
-    codes = torch.empty(N, K, dtype=torch.int32, device=W.device)
-    Q = torch.empty(N, K, device=W.device)
     s = z = None
     if gs == -1:
         s, z = find_params(W, bits, sym, scale_dtype, grid=grid)
 
+    # The column loop is dispatch-bound at K <= ~3k, so it works on the block transposed (a column is
+    # then contiguous) and runs quantize_to_codes / dequantize_codes' arithmetic inlined, in place, with
+    # the offset cast once per group. Every value goes through the same float operations as in
+    # IST-DASLab's loop (codes are integers in fp32, exact both ways; the block update multiplies the
+    # same contiguous operands), so the result stays bit-identical to it (tests/quant/test_gptq.py).
+    codes = torch.empty(N, K, dtype=torch.int32, device=W.device)
+    Q = torch.empty(N, K, device=W.device)
+    maxq, deq = max_code(bits), torch.empty(N, device=W.device)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = W[:, i1:i2].T.contiguous()  # [columns, N]
+        Err1, codes1, Q1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        outer = torch.empty_like(W1)  # the rank-1 update's product, written in place
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:
@@ -136,14 +143,14 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor | None, scheme: QuantScheme, scal
                 scales[:, col // g] = s
                 if zeros is not None:
                     zeros[:, col // g] = z
-            zc = None if z is None else z[:, None]
-            q = quantize_to_codes(W1[:, i:i + 1], s[:, None], zc, bits)
-            codes[:, col] = q[:, 0]
-            Q[:, col] = dequantize_codes(q, s[:, None], zc, bits)[:, 0]
-            err = (W1[:, i] - Q[:, col]) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                offset = float(2 ** (bits - 1)) if z is None else z.float()
+            torch.div(W1[i], s, out=codes1[i]).round_().add_(offset).clamp_(0, maxq)
+            torch.sub(codes1[i], offset, out=Q1[i]).mul_(s)
+            torch.sub(W1[i], Q1[i], out=deq)
+            torch.div(deq, Hinv1[i, i], out=Err1[i])
+            W1[i:].sub_(torch.mul(Hinv1[i, i:][:, None], Err1[i][None, :], out=outer[:i2 - i1 - i]))
+        codes[:, i1:i2], Q[:, i1:i2] = codes1.T, Q1.T  # integers in fp32: exact in int32
+        W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]
 
     g_idx = None
     if act_order:
