@@ -29,7 +29,10 @@ from pathlib import Path
 from benchmarks.dry_run import host_peaks_gib
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["the", "circle", "square", "triangle", "blue", "red", "green", "yellow", "harbour", "boat", "sky", "sunset", "small", "large", "near", "far", "left", "right", "above", "below", "picture", "colour", "shape", "count", "two", "three", "four", "five", "one", "seven", "and", "with", "of", "in", "is", "a", "on", "at"]
+WORDS = ("the", "circle", "square", "triangle", "blue", "red", "green", "yellow", "harbour", "boat",
+         "sky", "sunset", "small", "large", "near", "far", "left", "right", "above", "below", "picture",
+         "colour", "shape", "count", "two", "three", "four", "five", "one", "seven", "and", "with",
+         "of", "in", "is", "a", "on", "at")
 
 
 def write_calibration(folder: Path, samples: int, tokens_per_sample: int, seed: int = 0) -> Path:

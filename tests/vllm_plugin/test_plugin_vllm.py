@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,10 +148,8 @@ PROBE_STALL_S = 420  # per model: ~5-35 s here when quiet; a loaded CI machine r
 def run_probe(job: dict, tmp: Path, stall_s: float = PROBE_STALL_S, **env) -> dict:
     """Runs probe.py on `job`; it fails if no model finished within `stall_s` of the previous one.
 
-    A limit on the whole run flaked on a loaded CI machine (14 models, 265 s quiet, over 400 s there);
+    A limit on the whole run flaked on a loaded CI machine (16 models, 265 s quiet, over 400 s there);
     a limit per model still catches a hung engine without betting on the machine's load."""
-    import time
-
     from probe import PROGRESS_MARK
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "job.json").write_text(json.dumps(job))
@@ -165,7 +165,7 @@ def run_probe(job: dict, tmp: Path, stall_s: float = PROBE_STALL_S, **env) -> di
             if now_done > done:
                 done, last = now_done, time.monotonic()
             elif time.monotonic() - last > stall_s:
-                os.killpg(proc.pid, 9)
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 pytest.fail(f"probe stalled: no model finished in {stall_s:.0f} s after {done} of "
                             f"{len(job['models'])} were done\n{log_path.read_text(errors='replace')[-3000:]}")

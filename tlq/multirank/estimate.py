@@ -228,7 +228,7 @@ def solve_bytes(K: int, N: int, corrected: bool, act_order: bool, cuda: bool = F
     permute = q if act_order else 0
     if corrected:
         projected = n_sum is not None and projects_cross(K, n_sum)
-        held = cross_bytes(K, n_sum, b) if projected else q
+        held = q if n_sum is None else cross_bytes(K, n_sum, b)
         copy = nk if projected else q
         factor = 3 * q + (0 if cuda else held) + permute + 2 * nk
         return max(2 * q + held + 4 * nk, factor, 2 * q + (copy if cuda else held) + 6 * nk)

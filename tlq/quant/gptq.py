@@ -128,7 +128,7 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor | None, scheme: QuantScheme, scal
     # same contiguous operands), so the result stays bit-identical to it (tests/quant/test_gptq.py).
     codes = torch.empty(N, K, dtype=torch.int32, device=W.device)
     Q = torch.empty(N, K, device=W.device)
-    maxq, deq = max_code(bits), torch.empty(N, device=W.device)
+    maxq, diff = max_code(bits), torch.empty(N, device=W.device)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1 = W[:, i1:i2].T.contiguous()  # [columns, N]
@@ -146,8 +146,8 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor | None, scheme: QuantScheme, scal
                 offset = float(2 ** (bits - 1)) if z is None else z.float()
             torch.div(W1[i], s, out=codes1[i]).round_().add_(offset).clamp_(0, maxq)
             torch.sub(codes1[i], offset, out=Q1[i]).mul_(s)
-            torch.sub(W1[i], Q1[i], out=deq)
-            torch.div(deq, Hinv1[i, i], out=Err1[i])
+            torch.sub(W1[i], Q1[i], out=diff)
+            torch.div(diff, Hinv1[i, i], out=Err1[i])
             W1[i:].sub_(torch.mul(Hinv1[i, i:][:, None], Err1[i][None, :], out=outer[:i2 - i1 - i]))
         codes[:, i1:i2], Q[:, i1:i2] = codes1.T, Q1.T  # integers in fp32: exact in int32
         W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]
