@@ -1,7 +1,7 @@
 """Calibration at real width with a growing calibration set: flat memory, linear time, exact spilling.
 
     python -m benchmarks.scale [--tokens 8192,32768,131072] [--tokens-per-sample 1024] [--method tlq]
-                               [--work DIR] [--host-memory 0.1] [--ram-check TOKENS]
+                               [--work DIR] [--host-memory 0.1] [--ram-check TOKENS] [--damp-candidates 0.01,0.1]
 
 Builds the `2b` fixture (Qwen2-VL-2B's text widths: hidden 1536, MLP 8960, 12 heads of 128; 2
 layers), writes calibration sets of N samples of about T tokens each (a generated picture plus a
@@ -58,11 +58,12 @@ def write_calibration(folder: Path, samples: int, tokens_per_sample: int, seed: 
     return path
 
 
-def calibrate(model: Path, calib: Path, out: Path, method: str, host_memory: float, search_tokens: int) -> dict:
+def calibrate(model: Path, calib: Path, out: Path, method: str, host_memory: float, search_tokens: int,
+              extra: tuple[str, ...] = ()) -> dict:
     """One calibration in a fresh process: wall seconds, peak RSS (GiB), tokens, phase times."""
     cmd = [sys.executable, "-m", "tlq", "calibrate", str(model), "--calib", str(calib), "--out", str(out),
            "--method", method, "--scheme", "w4a16", "--overwrite", "--quiet", "--host-memory", str(host_memory),
-           "--search-tokens", str(search_tokens)]
+           "--search-tokens", str(search_tokens), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
     log = out.parent / f"{out.name}.log"
@@ -81,11 +82,11 @@ def calibrate(model: Path, calib: Path, out: Path, method: str, host_memory: flo
 
 
 def dry_run_host_gib(model: Path, calib: Path, out: Path, method: str, host_memory: float,
-                     search_tokens: int) -> float | None:
+                     search_tokens: int, extra: tuple[str, ...] = ()) -> float | None:
     """The `--dry-run` host peak of rank 0 (None when the table cannot be read)."""
     peaks = host_peaks_gib([str(model), "--calib", str(calib), "--out", str(out), "--method", method,
                             "--scheme", "w4a16", "--host-memory", str(host_memory),
-                            "--search-tokens", str(search_tokens)])
+                            "--search-tokens", str(search_tokens), *extra])
     return None if peaks is None else peaks[0]
 
 
@@ -106,8 +107,11 @@ def main() -> None:
     ap.add_argument("--ram-check", type=int, default=None,
                     help="tokens of the size rerun with its streams in RAM (default: the second size, or the only "
                          "one; 0: none); its checkpoint must equal the spilled run's")
+    ap.add_argument("--damp-candidates", default=None,
+                    help="passed to tlq calibrate (held-out damping choice, tlq/calib/held_out_damping.py)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tlq-scale")
     args = ap.parse_args()
+    extra = () if args.damp_candidates is None else ("--damp-candidates", args.damp_candidates)
     sys.path.insert(0, str(REPO))
     from tlq.fixtures import ensure_fixture
     args.work.mkdir(parents=True, exist_ok=True)
@@ -117,14 +121,14 @@ def main() -> None:
         ap.error(f"--ram-check {args.ram_check} is not one of --tokens {args.tokens}")
     rows = []
     print(f"2b fixture (hidden 1536, MLP 8960, 2 layers), method {args.method} w4a16, one thread, "
-          f"streams spilled above {args.host_memory} GiB", flush=True)
+          f"streams spilled above {args.host_memory} GiB" + (f", {' '.join(extra)}" if extra else ""), flush=True)
     for total in sizes:
         samples = max(1, total // args.tokens_per_sample)
         calib = write_calibration(args.work / "data", samples, args.tokens_per_sample)
         out = args.work / f"ckpt-{total}"
-        row = calibrate(model, calib, out, args.method, args.host_memory, args.search_tokens)
+        row = calibrate(model, calib, out, args.method, args.host_memory, args.search_tokens, extra)
         row["dry_gib"] = dry_run_host_gib(model, calib, args.work / "dry", args.method, args.host_memory,
-                                          args.search_tokens)
+                                          args.search_tokens, extra)
         row["calib"], row["out"] = calib, out
         rows.append(row)
         print(f"  {row['tokens']:>7} tokens  {row['wall']:8.1f} s  peak RSS {row['rss_gib']:.2f} GiB  "
@@ -143,7 +147,8 @@ def main() -> None:
     check = args.ram_check if args.ram_check is not None else sizes[min(1, len(sizes) - 1)]
     if check:
         spilled = rows[sizes.index(check)]
-        ram = calibrate(model, spilled["calib"], args.work / "ckpt-ram", args.method, 1024.0, args.search_tokens)
+        ram = calibrate(model, spilled["calib"], args.work / "ckpt-ram", args.method, 1024.0, args.search_tokens,
+                        extra)
         same = tensor_hashes(spilled["out"]) == tensor_hashes(args.work / "ckpt-ram")
         print(f"\n{spilled['tokens']} tokens with streams in RAM: {ram['wall']:.1f} s, peak RSS {ram['rss_gib']:.2f} GiB; "
               f"checkpoint {'identical' if same else 'DIFFERENT'} to the spilled run")

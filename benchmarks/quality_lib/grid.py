@@ -66,6 +66,9 @@ VARIANTS: dict[str, tuple[MethodSpec, dict]] = {
     "tlq-damp-0.01": (METHODS["tlq"], {"damp": 0.01}),
     "tlq-damp-0.03": (METHODS["tlq"], {"damp": 0.03}),
     "tlq-damp-0.3": (METHODS["tlq"], {"damp": 0.3}),
+    # the damping chosen per group on held-out calibration samples (tlq/calib/held_out_damping.py)
+    "tlq-damp-cv": (METHODS["tlq"], {"damp_candidates": (0.01, 0.1)}),
+    "tlq-damp-cv3": (METHODS["tlq"], {"damp_candidates": (0.01, 0.03, 0.1)}),
     "tlq-exposure-1.0": (METHODS["tlq"], {"exposure_strength": 1.0}),
     "tlq-exposure-0.25": (METHODS["tlq"], {"exposure_strength": 0.25}),
     "tlq-exposure-quantized": (replace(METHODS["tlq"], name="tlq-exposure-quantized", exposure="quantized",

@@ -79,6 +79,9 @@ def verdicts(table: dict) -> list[dict]:
                          "avg_margin": t["avg"][0] - base[best_acc]["avg"][0],
                          "tlq_kl": t["kl"], "best_baseline_kl": [best_kl, *base[best_kl]["kl"]],
                          "kl_ratio": t["kl"][0] / base[best_kl]["kl"][0] if base[best_kl]["kl"][0] else float("nan"),
+                         # where the KL is: questions that need the image, and text-only ones (means over seeds)
+                         "tlq_kl_split": [t["kl_image"][0], t["kl_text"][0]],
+                         "best_baseline_kl_split": [base[best_kl]["kl_image"][0], base[best_kl]["kl_text"][0]],
                          "wins_avg": t["avg"][0] >= base[best_acc]["avg"][0],
                          "wins_kl": t["kl"][0] <= base[best_kl]["kl"][0]})
     return rows
@@ -118,6 +121,10 @@ def sensitivity_rows(sens: dict[str, dict], fp: dict[str, dict]) -> list[dict]:
 def _pm(pair, digits=1, scale=1.0) -> str:
     m, s = pair[0] * scale, pair[1] * scale
     return f"{m:.{digits}f} ± {s:.{digits}f}" if s else f"{m:.{digits}f}"
+
+
+def _split(pair) -> str:
+    return "-" if not pair else f"{1e3 * pair[0]:.3f} / {1e3 * pair[1]:.3f}"
 
 
 def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict, peer: list[dict] = ()) -> str:
@@ -163,13 +170,16 @@ def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict, peer: 
         lines.append("")
     if wins:
         lines += ["## TLQ against the best baseline per setting", "",
-                  "| model | setting | TLQ Avg | best baseline Avg | margin | TLQ KL | best baseline KL | KL ratio |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "KL split: mean KL on the questions that need the image / on the text-only ones, TLQ then the "
+                  "best baseline by KL (x1e-3).", "",
+                  "| model | setting | TLQ Avg | best baseline Avg | margin | TLQ KL | best baseline KL | KL ratio | "
+                  "KL split image / text |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for w in wins:
             ba, bk = w["best_baseline_avg"], w["best_baseline_kl"]
             lines.append(f"| {w['model']} | {w['setting']} | {_pm(w['tlq_avg'])} | {ba[0]} {_pm(ba[1:])} | "
                          f"{w['avg_margin']:+.1f} | {_pm(w['tlq_kl'], 2, 1e3)} | {bk[0]} {_pm(bk[1:], 2, 1e3)} | "
-                         f"{w['kl_ratio']:.2f} |")
+                         f"{w['kl_ratio']:.2f} | {_split(w.get('tlq_kl_split'))} vs {_split(w.get('best_baseline_kl_split'))} |")
         lines.append("")
     if peer:
         lines += ["## Our baselines against llm-compressor (same samples, same scorer)", "",

@@ -136,10 +136,11 @@ def test_variants_differ_from_their_method_and_build_valid_configs(tmp_path):
         assert all(getattr(cfg, k) == v for k, v in overrides.items())
 
 
-def _summary(acc_img, acc_txt, kl):
+def _summary(acc_img, acc_txt, kl, kl_text=None):
+    kl_text = kl if kl_text is None else kl_text
     return {"color": {"accuracy": acc_img}, "add": {"accuracy": acc_txt},
-            "needs_image": {"accuracy": acc_img, "kl": kl}, "text_only": {"accuracy": acc_txt, "kl": kl},
-            "all": {"accuracy": (acc_img + acc_txt) / 2, "kl": kl}}
+            "needs_image": {"accuracy": acc_img, "kl": kl}, "text_only": {"accuracy": acc_txt, "kl": kl_text},
+            "all": {"accuracy": (acc_img + acc_txt) / 2, "kl": (kl + kl_text) / 2}}
 
 
 def test_report_aggregates_seeds_and_names_the_winner(tmp_path):
@@ -147,7 +148,7 @@ def test_report_aggregates_seeds_and_names_the_winner(tmp_path):
     recs = [{"model": "m", "setting": "W3A16 g128", "method": "tlq", "seed": s, "summary": _summary(a, 60.0, k)}
             for s, (a, k) in enumerate([(70.0, 0.01), (74.0, 0.02)])]
     recs.append({"model": "m", "setting": "W3A16 g128", "method": "gptq", "seed": 0,
-                 "summary": _summary(76.0, 60.0, 0.05)})
+                 "summary": _summary(76.0, 60.0, 0.001, 0.099)})
     table = report.aggregate(recs, fp)
     t = table["m"]["W3A16 g128"]["tlq"]
     assert t["avg"][0] == pytest.approx(66.0) and t["avg"][1] == pytest.approx(math.sqrt(2.0))
@@ -162,4 +163,6 @@ def test_report_aggregates_seeds_and_names_the_winner(tmp_path):
                                                                "test_text": 1})
     md = paths["md"].read_text()
     assert "| W3A16 g128 | TLQ (ours) |" in md and "66.0 ± 1.4" in md and "met" in md
+    # where each side's KL is: TLQ's seeds' image / text means, then GPTQ's (all on the text-only questions)
+    assert "| 15.000 / 15.000 vs 1.000 / 99.000 |" in md
     assert paths["png"].stat().st_size > 1000

@@ -62,7 +62,9 @@ def test_unknown_scheme_or_method(qwen2_vl_dir, out, capsys, flag, value, phrase
 
 @pytest.mark.parametrize("flag,value,phrase", [("--damp", "0", "damp must be positive"),
                                                ("--exposure-strength", "1.5", "outside [0, 1]"),
-                                               ("--input-scaling", "magic", "unknown input scaling 'magic'")])
+                                               ("--input-scaling", "magic", "unknown input scaling 'magic'"),
+                                               ("--damp-candidates", "0.01,x", "numbers separated by commas"),
+                                               ("--damp-candidates", "0.01,-1", "must be positive")])
 def test_solver_settings_out_of_range(qwen2_vl_dir, out, capsys, flag, value, phrase):
     code, err = run_cli(["calibrate", str(qwen2_vl_dir), "--out", str(out), flag, value], capsys)
     _assert_one_line_error(code, err, phrase)

@@ -205,3 +205,14 @@ def test_config_only_folder_counts_vision_tokens_under_max_pixels(llava_onevisio
     assert real_small.tokens < real_full.tokens and small.tokens < full.tokens
     # text assumed, vision counted: the config-only drop equals the processor's
     assert full.tokens - small.tokens == real_full.tokens - real_small.tokens
+
+
+def test_held_out_damping_counts_both_folds_and_stays_flat_in_tokens(tmp_path):
+    """--damp-candidates: two folds' statistics and the choice's working set (about 2 more K x K of the
+    widest group, the down projection's K = 18944 for Qwen2-VL-7B), still independent of the token count."""
+    fixed, small, large = (estimate_memory(_cfg(CONFIGS / "qwen2-vl-7b", tmp_path, device="cuda", max_samples=n,
+                                                damp_candidates=dc), 1, 1024)
+                           for n, dc in ((256, ()), (16, (0.01, 0.1)), (256, (0.01, 0.1))))
+    q = 18944 ** 2 * 4
+    assert small.ranks[0].layer_work == large.ranks[0].layer_work
+    assert 2 * q <= large.ranks[0].layer_work - fixed.ranks[0].layer_work <= 4 * q

@@ -73,3 +73,40 @@ def test_wide_M_is_accumulated_on_its_upper_blocks_and_read_whole(monkeypatch):
     torch.testing.assert_close(stats.M, want, rtol=1e-5, atol=1e-4)
     assert torch.equal(stats.M, stats.M.T)
     torch.testing.assert_close(stats.hessian(), 2 * want / w.sum(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("project", [False, True], ids=["C", "projected"])
+def test_two_folds_merged_are_the_whole(project):
+    """absorb: the sums of two halves of the tokens are the sums of all of them (M blocked at K >= 3072 too)."""
+    for K in (96, 3072):
+        X_q, X_fp, w, Ws = _group(T=200, K=K)
+        Ws = Ws if project else None
+        whole = InputStatistics(weighted=True, cross=True, activation_stat=True, projections=Ws)
+        whole.add(X_q, w, X_fp)
+        first = InputStatistics(weighted=True, cross=True, activation_stat=True, projections=Ws)
+        second = InputStatistics(weighted=True, cross=True, activation_stat=True, projections=Ws)
+        first.add(X_q[:70], w[:70], X_fp[:70])
+        second.add(X_q[70:], w[70:], X_fp[70:])
+        first.absorb(second)
+        assert second.M is None and first.tokens == 200
+        torch.testing.assert_close(first.M, whole.M, rtol=1e-4, atol=1e-3)
+        for mine, theirs in zip(first.P or [first.C], whole.P or [whole.C]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(first.abs_sum, whole.abs_sum)
+        assert float(first.S) == pytest.approx(float(whole.S), rel=1e-6)
+
+
+def test_a_copy_is_independent_and_refused_after_a_factor():
+    X_q, X_fp, w, _ = _group()
+    stats = InputStatistics.from_tensors(X_q, w, X_fp)
+    M, C = stats.M.clone(), stats.C.clone()
+    copy = stats.copy()
+    copy.exposure_factor(0.1)
+    copy.gptq_factor(0.1, False)  # consumes the copy's M and C
+    assert torch.equal(stats.M, M) and torch.equal(stats.C, C)
+    with pytest.raises(TLQError, match="copy them first"):
+        copy.copy()
+    with pytest.raises(TLQError, match="merge them first"):
+        stats.absorb(copy)
+    with pytest.raises(TLQError, match="different kinds"):
+        stats.absorb(InputStatistics.from_tensors(X_q, w))

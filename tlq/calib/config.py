@@ -78,6 +78,9 @@ class MethodSpec:
             quantized earlier layers produce), corrected (quantized inputs, FP outputs as target).
         damp: default GPTQ damping of this method (fraction of the Hessian's mean diagonal; also
             the ridge of the exposure target), used when CalibConfig.damp is not given.
+        damp_candidates: dampings each linear group chooses among by two-fold cross-validation over
+            the calibration samples (tlq/calib/held_out_damping.py); empty: `damp` everywhere. Used
+            when CalibConfig.damp_candidates is not given.
         exposure_strength: default share of the corrected-exposure shift W* - W that is applied
             (0..1), used when CalibConfig.exposure_strength is not given.
         grid: how symmetric schemes turn a group's absmax into its scale, as the method's reference
@@ -93,6 +96,7 @@ class MethodSpec:
     solver: str = "rtn"
     exposure: str = "quantized"
     damp: float = 0.01
+    damp_candidates: tuple[float, ...] = ()
     exposure_strength: float = 1.0
     grid: SymmetricGrid = SymmetricGrid.FULL
 
@@ -158,7 +162,10 @@ class CalibConfig:
         seed: seeds sampling and every random choice; same seed, same checkpoint.
         device: where the layer being calibrated runs (cpu or cuda); the rest stays on CPU.
         act_order: GPTQ act-order (writes g_idx; the plugin reorders inputs so kernels still apply).
-        damp: GPTQ damping, as a fraction of the Hessian's mean diagonal (None = the method's default).
+        damp: GPTQ damping, as a fraction of the Hessian's mean diagonal (None = the method's default);
+            with damp_candidates, what a group falls back to when it cannot hold samples out.
+        damp_candidates: dampings each group chooses among on held-out samples (None = the method's
+            default; () = `damp` everywhere; tlq/calib/held_out_damping.py).
         exposure_strength: blend of the FP-target correction (corrected exposure), 0..1
             (None = the method's default).
         smoothquant_alpha: migration strength for smoothquant scaling.
@@ -196,6 +203,7 @@ class CalibConfig:
     device: str = "cpu"
     act_order: bool = False
     damp: float | None = None
+    damp_candidates: tuple[float, ...] | None = None
     exposure_strength: float | None = None
     smoothquant_alpha: float = 0.5
     n_grid: int = 20
@@ -236,6 +244,14 @@ class CalibConfig:
             self.damp = self.method.damp
         if self.exposure_strength is None:
             self.exposure_strength = self.method.exposure_strength
+        if self.damp_candidates is None:
+            self.damp_candidates = self.method.damp_candidates
+        self.damp_candidates = tuple(float(d) for d in self.damp_candidates)
+        if any(not d > 0 for d in self.damp_candidates):
+            raise TLQError(f"damp candidates must be positive, not {self.damp_candidates}")
+        if len(self.damp_candidates) > 1 and self.method.solver != "gptq":
+            raise TLQError(f"damp candidates need a GPTQ solver, and method {self.method.name} rounds with "
+                           f"{self.method.solver}; drop --damp-candidates")
         for name in ("batch_tokens", "search_tokens", "judge_rows"):
             if getattr(self, name) < 1:
                 raise TLQError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
@@ -253,7 +269,8 @@ class CalibConfig:
         """What must match for a resumed run to continue an earlier one."""
         return {"model": str(self.model.resolve()), "method": self.method.__dict__, "scheme": self.scheme.__dict__,
                 "calib": str(self.calib), "max_samples": self.max_samples, "seed": self.seed,
-                "act_order": self.act_order, "damp": self.damp, "exposure_strength": self.exposure_strength,
+                "act_order": self.act_order, "damp": self.damp,
+                "damp_candidates": list(self.damp_candidates), "exposure_strength": self.exposure_strength,
                 "importance": self.importance.__dict__, "smoothquant_alpha": self.smoothquant_alpha,
                 "n_grid": self.n_grid, "search_tokens": self.search_tokens, "judge_rows": self.judge_rows,
                 "batch_tokens": self.batch_tokens, "max_pixels": self.max_pixels}

@@ -56,7 +56,8 @@ def search_samples(lengths: list[int], mass: list[float], budget: int, seed: int
 def stream_group(calib_layer: nn.Module, fp_layer: nn.Module | None, name: str, calib: list[torch.Tensor],
                  fp: list[torch.Tensor] | None, kwargs: list[dict], device: str, *, weights: torch.Tensor | None,
                  keep: torch.Tensor | None, act_quant: bool, batch_tokens: int, search: list[int] | None,
-                 activation_stat: bool = False, projections: list[torch.Tensor] | None = None) -> GroupData:
+                 activation_stat: bool = False, projections: list[torch.Tensor] | None = None,
+                 held: list[int] | None = None) -> GroupData:
     """Statistics of module `name`'s inputs over every sample, plus the rows of the `search` samples.
 
     calib_layer / calib: where and on what the calibration-path inputs are read; fp_layer / fp: the
@@ -64,12 +65,17 @@ def stream_group(calib_layer: nn.Module, fp_layer: nn.Module | None, name: str, 
     keep: [T] bool mask of the kept tokens, or None for all. search: sample indices whose rows
     GroupData.X keeps (None: none needed). activation_stat: also sum w |x| (TLQ's in-loop scale search).
     projections: the group's float weights when the float-path moment is kept projected through them
-    (tlq/quant/statistics.py, `projects_cross`), else None.
+    (tlq/quant/statistics.py, `projects_cross`), else None. held: sample indices whose tokens go to a
+    second set of statistics, GroupData.held (the held-out fold of tlq/calib/held_out_damping.py), or None.
     """
     lengths = [h.shape[-2] for h in calib]
     starts = torch.tensor([0] + lengths).cumsum(0).tolist()
     stats = InputStatistics(weighted=weights is not None, cross=fp_layer is not None, activation_stat=activation_stat,
                             projections=projections)
+    held_stats = None if not held else InputStatistics(
+        weighted=weights is not None, cross=fp_layer is not None, activation_stat=activation_stat,
+        projections=projections)
+    held_index = torch.tensor(sorted(held or []), dtype=torch.long)
     wanted = set(search or [])
     rows, row_weights = [], []
     for batch in token_batches(lengths, batch_tokens):
@@ -82,19 +88,29 @@ def stream_group(calib_layer: nn.Module, fp_layer: nn.Module | None, name: str, 
             X_fp = collect_inputs(fp_layer, name, [fp[i] for i in batch], [kwargs[i] for i in batch], device)
         w = None if weights is None else weights[span]
         mask = None if keep is None else keep[span]
+        owner = torch.repeat_interleave(torch.tensor(batch), torch.tensor([lengths[i] for i in batch]))
         if wanted:
-            owner = torch.repeat_interleave(torch.tensor(batch), torch.tensor([lengths[i] for i in batch]))
             take = torch.isin(owner, torch.tensor(sorted(wanted)))
             take = take if mask is None else take & mask
             rows.append(X[take])
             row_weights.append(None if w is None else w[take])
         if mask is not None:
             X, X_fp = X[mask], None if X_fp is None else X_fp[mask]
-            w = None if w is None else w[mask]
+            w, owner = None if w is None else w[mask], owner[mask]
         # inputs are gathered on the CPU; the statistics live where the solver runs
-        stats.add(X.to(device), None if w is None else w.to(device), None if X_fp is None else X_fp.to(device))
+        if held_stats is None:
+            stats.add(X.to(device), None if w is None else w.to(device), None if X_fp is None else X_fp.to(device))
+        else:
+            in_held = torch.isin(owner, held_index)
+            for fold, take in ((stats, ~in_held), (held_stats, in_held)):
+                if take.any():
+                    fold.add(X[take].to(device), None if w is None else w[take].to(device),
+                             None if X_fp is None else X_fp[take].to(device))
         del X, X_fp, w, mask  # before the next batch is gathered: one batch alive at a time
+    if held_stats is not None and (stats.tokens == 0 or held_stats.tokens == 0):
+        stats.absorb(held_stats)  # a fold lost every token (--drop-below, --max-tokens): nothing to hold out
+        held_stats = None
     K = stats.M.shape[0] if stats.M is not None else 0
     X_search = torch.cat(rows).to(device) if rows else torch.empty(0, K, device=device)
     w_search = None if weights is None or not rows else torch.cat(row_weights).to(device)
-    return GroupData(X_search, w_search, None, stats)
+    return GroupData(X_search, w_search, None, stats, held_stats)

@@ -212,15 +212,16 @@ def run_layer_loop(model, adapter: ModelAdapter, samples: list[CapturedSample], 
         calib_stream = h_fp if cfg.method.exposure == "fp" else h_q
         inputs = LayerInputs(calib_stream, h_fp, kwargs,
                              [{b: w[(i, b)] for (li, b) in w if li == i} for w in weights])
+        chosen = {}
         quantized, overrides, hooks = calibrate_layer(layer, adapter.layer_prefix(i), inputs, adapter, cfg, dtype,
-                                                      layer_seed=cfg.seed * 100003 + i)
+                                                      layer_seed=cfg.seed * 100003 + i, record=chosen)
         rss_mark(f"layer {i} calibrated")
         h_q = run_layer(layer, h_q, kwargs, cfg.device, into=streams.new(stream_name(i, "q")))
         for h in hooks:
             h.remove()
         layer.to("cpu")
         stats = {"layer": i, **modality_errors(h_q, y_fp, modalities),
-                 "seconds": round(time.time() - t0, 3), "peak_mem_mb": round(_peak_memory_mb(cfg.device), 1)}
+                 "seconds": round(time.time() - t0, 3), "peak_mem_mb": round(_peak_memory_mb(cfg.device), 1), **chosen}
         h_fp = y_fp
         work.save_layer(i, {"quantized": keep(quantized), "float_overrides": overrides, "stats": stats}, h_q, h_fp)
         # what the saved state refers to, and the FP targets computed ahead for later layers

@@ -15,6 +15,7 @@ from tlq.adapters import ModelAdapter, get_submodule
 from tlq.calib.capture import to_device
 from tlq.calib.config import CalibConfig
 from tlq.calib.group_inputs import search_samples, stream_group
+from tlq.calib.held_out_damping import choose_damping, held_out_samples
 from tlq.calib.importance import group_weights
 from tlq.calib.input_scaling import scale_layer_inputs, scales_in_loop
 from tlq.calib.rss import trim_heap, trim_heap_every
@@ -89,12 +90,13 @@ def cross_projections(layer: nn.Module, names: tuple[str, ...], device: str) -> 
 
 
 def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, adapter: ModelAdapter,
-                    cfg: CalibConfig, dtype: torch.dtype, layer_seed: int
+                    cfg: CalibConfig, dtype: torch.dtype, layer_seed: int, record: dict | None = None
                     ) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], list]:
     """Quantize `layer` in place (weights become their dequantized values).
 
     Returns (quantized weights by full module name, changed float tensors by full tensor name,
     activation-quant hooks that the caller removes once the layer's outputs are computed).
+    `record`, when given, receives "damping": the damping each group chose (held-out choice only).
     """
     device, scheme, method = cfg.device, cfg.scheme, cfg.method
     layer.to(device)
@@ -115,7 +117,8 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
     settings = SolverSettings(scheme, dtype, damp=cfg.damp, act_order=cfg.act_order,
                               exposure_strength=cfg.exposure_strength, clip_search=method.clip_search,
                               n_grid=cfg.n_grid)
-    no_clip = replace(settings, clip_search=False)  # AWQ does not clip q/k: their error passes the softmax
+    # the held-out fold of the damping choice: the same samples for every group of the layer
+    held = held_out_samples(len(lengths), layer_seed) if len(cfg.damp_candidates) > 1 else None
 
     quantized, hooks = {}, []
     for index, group in enumerate(adapter.linear_groups):
@@ -135,16 +138,26 @@ def calibrate_layer(layer: nn.Module, layer_prefix: str, inputs: LayerInputs, ad
                                 act_quant=not scheme.weight_only, batch_tokens=cfg.batch_tokens,
                                 search=search if method.clip_search else None, activation_stat=in_loop,
                                 projections=cross_projections(layer, group.names, device)
-                                if method.exposure == "corrected" else None)
+                                if method.exposure == "corrected" else None, held=held)
+        group_seed = layer_seed * len(adapter.linear_groups) + index  # a draw per group
+        group_settings = settings
+        if data.held is not None:
+            with timed("damping"):
+                damp, _ = choose_damping(layer, group, data, settings, cfg.damp_candidates, cfg.judge_rows,
+                                         group_seed, method.solver)
+            group_settings = replace(settings, damp=damp)
+            if record is not None:
+                record.setdefault("damping", {})[group.names[0]] = damp
+        no_clip = replace(group_settings, clip_search=False)  # AWQ does not clip q/k: their error passes the softmax
         if in_loop:
-            solution = solve_group(layer, group, data, cfg, dtype, settings,
-                                   seed=layer_seed * len(adapter.linear_groups) + index)  # a draw per group
+            solution = solve_group(layer, group, data, cfg, dtype, group_settings, seed=group_seed)
         else:
             solution = GroupSolution({}, None)
             for name in group.names:
                 with timed("solve"):
                     weight = get_submodule(layer, name).weight.detach().float()
-                    solution.weights[name] = solve(weight, data, no_clip if name in adapter.qk_linears else settings)
+                    solution.weights[name] = solve(weight, data,
+                                                   no_clip if name in adapter.qk_linears else group_settings)
         for name, qw in solution.weights.items():
             with torch.no_grad():
                 lin = get_submodule(layer, name)

@@ -89,6 +89,7 @@ def calibration_record(cfg: CalibConfig, samples=None, weights: list[dict] | Non
         "token_stats": weight_statistics(weights, modalities),
         "importance": cfg.importance.__dict__, "exposure": cfg.method.exposure,
         "input_scaling": cfg.method.input_scaling, "act_order": cfg.act_order, "damp": cfg.damp,
+        "damp_candidates": list(cfg.damp_candidates),
         "exposure_strength": cfg.exposure_strength, "search_tokens": cfg.search_tokens,
         "judge_rows": cfg.judge_rows, "batch_tokens": cfg.batch_tokens, "max_pixels": cfg.max_pixels,
     }

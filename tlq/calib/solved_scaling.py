@@ -123,9 +123,18 @@ def proxy_scale(Ws: list[torch.Tensor], stats: InputStatistics, cfg: CalibConfig
 
 class OutputError:
     """E(Q) - E(W) of the module docstring for one linear (W [N, K] float, unscaled coordinates) on its
-    rows `rows` (None: every row; the Q it scores are those rows' solutions)."""
+    rows `rows` (None: every row; the Q it scores are those rows' solutions). `gram`: the group's
+    stats.damped_gram(damp), shared by its linears; `stats` are then left as they are (C read in place)
+    instead of giving up C to their cached exposure factor."""
 
-    def __init__(self, W: torch.Tensor, stats: InputStatistics, damp: float, rows: torch.Tensor | None = None):
+    def __init__(self, W: torch.Tensor, stats: InputStatistics, damp: float, rows: torch.Tensor | None = None,
+                 gram: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if gram is not None:
+            self.L, self.lam = gram
+            W = W.to(self.L)
+            self.W = take_rows(W, rows)[0]
+            self.pull = None if not stats.cross else (self.W @ stats.M) / stats.S - stats.cross_product(W, rows)
+            return
         gram = stats.gram_factor(damp)  # before the GPTQ factor consumes M
         W = W.to(gram.L)
         self.L, self.lam, self.W = gram.L, gram.lam, take_rows(W, rows)[0]

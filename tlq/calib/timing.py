@@ -1,7 +1,8 @@
 """Wall time per calibration phase, for the report: where a run's time went, without a profiler.
 
 Phases: capture, gradients (the gradient pass), statistics (gathering each linear group's inputs),
-scale search (input scaling), solve (the solver table: Hessians, exposure target, GPTQ / RTN),
+damping (the held-out damping choice), scale search (input scaling), solve (the solver table:
+Hessians, exposure target, GPTQ / RTN),
 write (assembling and writing the checkpoint). What no phase covers (layer forwards for targets and
 the next layer's inputs, saving resumable results) is reported as "other". Process-wide: each rank
 of a multi-rank run reports its own. On CUDA, kernels are asynchronous: a phase's time includes the
@@ -13,7 +14,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-PHASES = ("capture", "gradients", "statistics", "scale search", "solve", "write")
+PHASES = ("capture", "gradients", "statistics", "damping", "scale search", "solve", "write")
 _SECONDS: dict[str, float] = defaultdict(float)
 _OPEN: list[list] = []  # [phase, seconds spent in nested phases] of the blocks now running
 

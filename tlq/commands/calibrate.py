@@ -25,6 +25,9 @@ def calibrate(
     act_order: bool = typer.Option(False, help="GPTQ act-order (writes g_idx)"),
     damp: float | None = typer.Option(None, help="GPTQ damping, fraction of the mean Hessian diagonal "
                                          "(default: the method's, 0.01; tlq 0.1)"),
+    damp_candidates: str | None = typer.Option(None, help="comma-separated dampings each linear group chooses "
+                                                "among on held-out calibration samples, e.g. 0.01,0.1 "
+                                                "(two-fold; 'none': --damp everywhere; default: the method's)"),
     exposure_strength: float | None = typer.Option(None, help="share of the corrected-exposure shift applied, "
                                                       "0..1 (default: the method's; tlq 0.5)"),
     importance: str | None = typer.Option(None, help="override token weighting: uniform|modality|modality_prior|token"),
@@ -64,7 +67,7 @@ def calibrate(
         model, out, method=method, scheme=scheme, calib=calib, group_size=group_size, sym=sym,
         importance=importance, exposure=exposure, input_scaling=input_scaling, max_tokens=max_tokens,
         drop_below=drop_below, max_samples=max_samples, seed=seed, device=device, act_order=act_order, damp=damp,
-        exposure_strength=exposure_strength, overwrite=overwrite, resume=resume, batch_tokens=batch_tokens,
+        damp_candidates=_damp_candidates(damp_candidates), exposure_strength=exposure_strength, overwrite=overwrite, resume=resume, batch_tokens=batch_tokens,
         search_tokens=search_tokens, judge_rows=judge_rows, host_memory=host_memory, max_pixels=max_pixels)
     if tp is not None:
         _warn_tensor_parallel(cfg, tp)
@@ -125,3 +128,17 @@ def _print_summary(path: Path) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command()(calibrate)
+
+
+def _damp_candidates(text: str | None) -> tuple[float, ...] | None:
+    """--damp-candidates: None (the method's), () for 'none', else the listed numbers."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        from tlq.errors import TLQError
+        raise TLQError(f"--damp-candidates takes numbers separated by commas (e.g. 0.01,0.1) or 'none', "
+                       f"not {text!r}") from None

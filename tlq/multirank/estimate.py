@@ -293,6 +293,13 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
         on_device = (1 + corrected + weighted) * batch  # X, X_fp and the weighted X in `add`
         if corrected and projects_cross(K, n_sum):  # a projected moment: W in fp32 and W x_fp of the batch
             on_device += N * K * F32 + bt * N * F32
+        if gptq and len(cfg.damp_candidates) > 1:
+            # held-out damping (tlq/calib/held_out_damping.py): the two folds' statistics stream side by side;
+            # while it chooses, both folds, the held-out error's Gram factor and pulls (n_sum x K), and the
+            # fitting fold's copy solved as any group is (its C, or the P_i, are the copy's)
+            choice = stats + q + n_sum * K * F32 + solve
+            stats *= 2
+            work = max(work, own + float_copy + choice + stats // 2)
         streaming = stats + (on_device + forward if cuda else max(gathered, on_device)) + clip_rows
         work = max(work, own + float_copy + streaming, own + float_copy + clip_rows + solve)
         host = max(host, gathered + 2 * clip_rows)

@@ -29,13 +29,16 @@ class GroupData:
         w: [T] token weights of X's rows, or None for uniform ones.
         X_fp: [T, K] the FP path's inputs of X's rows when the method corrects exposure, else None.
         stats: the streamed statistics of every kept token (tlq/quant/statistics.py); None builds
-            them from X, w, X_fp.
+            them from X, w, X_fp. While `held` is set, those of the tokens outside it.
+        held: the statistics of a held-out fold of the samples (tlq/calib/held_out_damping.py), until
+            they are merged into `stats`; None when nothing is held out.
     """
 
     X: torch.Tensor
     w: torch.Tensor | None = None
     X_fp: torch.Tensor | None = None
     stats: InputStatistics | None = None
+    held: InputStatistics | None = None
 
     def statistics(self) -> InputStatistics:
         if self.stats is None:

@@ -236,6 +236,22 @@ class InputStatistics:
         the exposure factor). It must be built before `gptq_factor` consumes M."""
         if damp in self._exposure:
             return self._exposure[damp]
+        A, lam = self.damped_gram(damp)
+        C = projected = None
+        if self.C is not None:
+            self.C.div_(self.S)
+            # on a GPU, C waits in host memory while GPTQ's factor is built (one K x K less on the device)
+            C = self.C.cpu() if self.C.device.type != "cpu" else self.C
+            self.C = None
+        if self.P is not None:  # host-parked on a GPU as C is, with the weights they are matched by
+            projected = [(W.cpu(), P.div_(self.S).cpu()) for W, P in zip(self.projections, self.P)]
+            self.P = self.projections = None
+        self._exposure[damp] = ExposureFactor(A, C, lam, projected)
+        return self._exposure[damp]
+
+    def damped_gram(self, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, lam): the lower Cholesky factor of A + lam I, A = M / S, lam = damp * mean diag A, in a new
+        buffer; nothing held here is changed (the exposure factor's L, uncached)."""
         self._check()
         if self.M is None:
             raise TLQError("the Gram factor was requested after the GPTQ factor consumed M; build it first")
@@ -248,17 +264,17 @@ class InputStatistics:
         _, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
         if info != 0:
             raise TLQError("exposure correction: the exposed-input Gram matrix is singular; raise damp")
-        C = projected = None
+        return A, lam
+
+    def cross_product(self, W: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(W C / S)[rows] for one of the group's linears W [N, K], read without consuming C or the P_i."""
+        Wr = W if rows is None else W[rows.to(W.device)]
         if self.C is not None:
-            self.C.div_(self.S)
-            # on a GPU, C waits in host memory while GPTQ's factor is built (one K x K less on the device)
-            C = self.C.cpu() if self.C.device.type != "cpu" else self.C
-            self.C = None
-        if self.P is not None:  # host-parked on a GPU as C is, with the weights they are matched by
-            projected = [(W.cpu(), P.div_(self.S).cpu()) for W, P in zip(self.projections, self.P)]
-            self.P = self.projections = None
-        self._exposure[damp] = ExposureFactor(A, C, lam, projected)
-        return self._exposure[damp]
+            return (Wr @ self.C.to(W.device)) / self.S
+        for ref, P in zip(self.projections or [], self.P or []):
+            if ref.shape == W.shape and torch.equal(ref.float(), W.to(ref.device, torch.float32)):
+                return (P if rows is None else P[rows.to(P.device)]).to(W.device) / self.S
+        raise TLQError("no float-path moment of this weight was collected")
 
     def gptq_factor(self, damp: float, act_order: bool) -> HessianFactor:
         """GPTQ's factor of H = 2 M / S (cached). The first call turns M into H in place and uses it as
@@ -298,6 +314,45 @@ class InputStatistics:
         finally:
             factor.U.copy_(unscaled)
             self.input_scale = None
+
+    def copy(self) -> InputStatistics:
+        """An independent copy of the accumulated sums (before any factor is built: factors consume them)."""
+        if self._exposure or self._gptq or self.input_scale is not None:
+            raise TLQError("statistics copied after a factor was built from them; copy them first")
+        other = InputStatistics(self.weighted, self.cross, self.activation_stat)
+        other.M = None if self._M is None else self.M.clone()
+        other.C = None if self.C is None else self.C.clone()
+        other.projections = None if self.projections is None else list(self.projections)  # read-only weights
+        other.P = None if self.P is None else [P.clone() for P in self.P]
+        other.S = self.S.clone() if isinstance(self.S, torch.Tensor) else self.S
+        other.abs_sum = None if self.abs_sum is None else self.abs_sum.clone()
+        other.tokens = self.tokens
+        return other
+
+    def absorb(self, other: InputStatistics) -> None:
+        """Add another set of the same group's sums into these (tokens of other samples; `other` is emptied)."""
+        if (other.weighted, other.cross, other.activation_stat) != (self.weighted, self.cross, self.activation_stat):
+            raise TLQError("statistics of different kinds cannot be merged")
+        if self._exposure or self._gptq or other._exposure or other._gptq:
+            raise TLQError("statistics merged after a factor was built from them; merge them first")
+        if other._M is not None:
+            if self._M is None:
+                self.M = other.M
+            else:
+                self.M.add_(other.M)
+        if other.C is not None:
+            self.C = other.C if self.C is None else self.C.add_(other.C)
+        if other.P is not None:
+            if self.P is None:
+                self.P, self.projections = other.P, other.projections
+            else:
+                for P, Q in zip(self.P, other.P):
+                    P.add_(Q)
+        if other.abs_sum is not None:
+            self.abs_sum = other.abs_sum if self.abs_sum is None else self.abs_sum + other.abs_sum
+        self.S = self.S + other.S
+        self.tokens += other.tokens
+        other.release()
 
     def drop_cross(self) -> None:
         """Free C / S once every exposure target of the group is formed (one K x K less); later solves must
