@@ -9,6 +9,11 @@ import os
 
 import pytest
 
+# One thread per process, as `make test` and .ci/run run it: tests that compare an in-process run
+# with a CLI child (which calibrates at one thread) need the same thread count on both sides, and
+# torch reads this when it is first imported (after this file).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ARCHS = ("qwen2-vl", "llava-onevision")
 
 
