@@ -170,10 +170,10 @@ def markdown(table: dict, sens: list[dict], wins: list[dict], meta: dict, peer: 
         lines.append("")
     if wins:
         lines += ["## TLQ against the best baseline per setting", "",
-                  "KL split: mean KL on the questions that need the image / on the text-only ones, TLQ then the "
-                  "best baseline by KL (x1e-3).", "",
-                  "| model | setting | TLQ Avg | best baseline Avg | margin | TLQ KL | best baseline KL | KL ratio | "
-                  "KL split image / text |",
+                  ("KL split: mean KL on the questions that need the image / on the text-only ones, TLQ then the "
+                   "best baseline by KL (x1e-3)."), "",
+                  ("| model | setting | TLQ Avg | best baseline Avg | margin | TLQ KL | best baseline KL | KL ratio | "
+                   "KL split image / text |"),
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for w in wins:
             ba, bk = w["best_baseline_avg"], w["best_baseline_kl"]
