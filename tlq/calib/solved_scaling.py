@@ -129,17 +129,16 @@ class OutputError:
 
     def __init__(self, W: torch.Tensor, stats: InputStatistics, damp: float, rows: torch.Tensor | None = None,
                  gram: tuple[torch.Tensor, torch.Tensor] | None = None):
-        if gram is not None:
-            self.L, self.lam = gram
-            W = W.to(self.L)
-            self.W = take_rows(W, rows)[0]
-            self.pull = None if not stats.cross else (self.W @ stats.M) / stats.S - stats.cross_product(W, rows)
-            return
-        gram = stats.gram_factor(damp)  # before the GPTQ factor consumes M
-        W = W.to(gram.L)
-        self.L, self.lam, self.W = gram.L, gram.lam, take_rows(W, rows)[0]
+        if gram is None:
+            factor = stats.gram_factor(damp)  # before the GPTQ factor consumes M
+            gram, cross = (factor.L, factor.lam), (factor.pulled if factor.has_cross else None)
+        else:
+            cross = stats.cross_product if stats.cross else None
+        self.L, self.lam = gram
+        W = W.to(self.L)
+        self.W = take_rows(W, rows)[0]
         # W A - W C/S; zero without the float path (C/S = A). A projected moment is found by the whole W.
-        self.pull = None if not gram.has_cross else (self.W @ stats.M) / stats.S - gram.pulled(W, rows)
+        self.pull = None if cross is None else (self.W @ stats.M) / stats.S - cross(W, rows)
 
     def __call__(self, Q: torch.Tensor) -> float:
         D = Q.to(self.W) - self.W

@@ -67,7 +67,8 @@ def calibrate(
         model, out, method=method, scheme=scheme, calib=calib, group_size=group_size, sym=sym,
         importance=importance, exposure=exposure, input_scaling=input_scaling, max_tokens=max_tokens,
         drop_below=drop_below, max_samples=max_samples, seed=seed, device=device, act_order=act_order, damp=damp,
-        damp_candidates=_damp_candidates(damp_candidates), exposure_strength=exposure_strength, overwrite=overwrite, resume=resume, batch_tokens=batch_tokens,
+        damp_candidates=_damp_candidates(damp_candidates), exposure_strength=exposure_strength,
+        overwrite=overwrite, resume=resume, batch_tokens=batch_tokens,
         search_tokens=search_tokens, judge_rows=judge_rows, host_memory=host_memory, max_pixels=max_pixels)
     if tp is not None:
         _warn_tensor_parallel(cfg, tp)

@@ -297,9 +297,8 @@ def layer_work_bytes(groups: list[GroupShape], cfg: CalibConfig, bt: int, st: in
             # held-out damping (tlq/calib/held_out_damping.py): the two folds' statistics stream side by side;
             # while it chooses, both folds, the held-out error's Gram factor and pulls (n_sum x K), and the
             # fitting fold's copy solved as any group is (its C, or the P_i, are the copy's)
-            choice = stats + q + n_sum * K * F32 + solve
             stats *= 2
-            work = max(work, own + float_copy + choice + stats // 2)
+            work = max(work, own + float_copy + stats + q + n_sum * K * F32 + solve)
         streaming = stats + (on_device + forward if cuda else max(gathered, on_device)) + clip_rows
         work = max(work, own + float_copy + streaming, own + float_copy + clip_rows + solve)
         host = max(host, gathered + 2 * clip_rows)

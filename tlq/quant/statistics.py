@@ -71,11 +71,20 @@ class ExposureFactor:
         """(W C / S)[rows] for one of the group's linears W [N, K] (float); rows None: every row."""
         if self.C is not None:
             return (W if rows is None else W[rows.to(W.device)]) @ self.C.to(W.device)
-        for ref, P in self.projected or []:
-            if ref.shape == W.shape and torch.equal(ref.float(), W.to(ref.device, torch.float32)):
-                return (P if rows is None else P[rows.to(P.device)]).to(W.device)
+        P = matching_moment(self.projected or [], W)
+        if P is not None:
+            return (P if rows is None else P[rows.to(P.device)]).to(W.device)
         raise TLQError("the group's float-path moment was kept projected through its weights, and this weight is "
                        "none of them (or it was dropped: drop_cross)")
+
+
+def matching_moment(pairs, W: torch.Tensor) -> torch.Tensor | None:
+    """The P of the (weight, P) pair whose weight equals W (by value: a projected moment is found by the
+    weight it was projected through), or None."""
+    for ref, P in pairs:
+        if ref.shape == W.shape and torch.equal(ref.float(), W.to(ref.device, torch.float32)):
+            return P
+    return None
 
 
 SYMMETRIC_BLOCK = 1024  # columns per block of M's blocked upper triangle
@@ -271,9 +280,9 @@ class InputStatistics:
         Wr = W if rows is None else W[rows.to(W.device)]
         if self.C is not None:
             return (Wr @ self.C.to(W.device)) / self.S
-        for ref, P in zip(self.projections or [], self.P or []):
-            if ref.shape == W.shape and torch.equal(ref.float(), W.to(ref.device, torch.float32)):
-                return (P if rows is None else P[rows.to(P.device)]).to(W.device) / self.S
+        P = matching_moment(zip(self.projections or [], self.P or []), W)
+        if P is not None:
+            return (P if rows is None else P[rows.to(P.device)]).to(W.device) / self.S
         raise TLQError("no float-path moment of this weight was collected")
 
     def gptq_factor(self, damp: float, act_order: bool) -> HessianFactor:
